@@ -211,6 +211,17 @@ impl RowState {
         &self.cells
     }
 
+    /// Whether `version` still contributes to this state (as the row's version, a cell's
+    /// version or a counter part's version). A log entry whose version is not referenced is
+    /// superseded: dropping it loses nothing (see log compaction in the store adapters).
+    pub fn references(&self, version: Version) -> bool {
+        self.version == Some(version)
+            || self.cells.values().any(|cell| match cell {
+                CellState::Register { version: v, .. } => *v == version,
+                CellState::Counter(parts) => parts.values().any(|p| p.version == version),
+            })
+    }
+
     /// The row as users see it, or `None` if it does not exist. Columns never written in the
     /// current life are absent (a store shows them as NULL or their default).
     pub fn visible(&self) -> Option<BTreeMap<ColumnName, Value>> {

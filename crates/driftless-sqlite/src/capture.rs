@@ -1,0 +1,235 @@
+//! Stamping captured local writes: turning the triggers' records into versioned changes.
+//!
+//! The triggers record only `(table, operation, primary key)`, in commit order, atomically with
+//! the user's write. Stamping reads the row's current values, compares them with the row's merge
+//! state (which mirrors what the table held after the last stamp or apply) to find the columns
+//! that changed, and makes the change with a fresh HLC version. Every apply transaction stamps
+//! all pending writes first, under the same write lock, so a local write is always merged with
+//! its true place in history: it can never be overwritten by a remote value it has not been
+//! compared with.
+
+use crate::meta::KEY_COLUMNS_MAX;
+use crate::rowio::{
+    append_log, key_part_from_sql, load_state, read_user_row, save_state, write_user_row,
+};
+use crate::schema::db;
+use crate::store::SqliteStore;
+use driftless_core::{Change, Clock, ColumnName, PrimaryKey, RowState, Value, Version};
+use driftless_store::{CaptureReport, StoreError, TableSchema};
+use rusqlite::params;
+use std::collections::BTreeMap;
+
+struct Pending {
+    seq: i64,
+    table: String,
+    op: String,
+    key: Result<PrimaryKey, String>,
+}
+
+impl<C: Clock> SqliteStore<C> {
+    /// Stamps up to `limit` pending local writes inside the current transaction.
+    pub(crate) fn capture_in_tx(
+        &mut self,
+        limit: usize,
+        report: &mut CaptureReport,
+    ) -> Result<usize, StoreError> {
+        let pending = self.read_pending(limit)?;
+        let Some(last) = pending.last().map(|p| p.seq) else {
+            return Ok(0);
+        };
+        for entry in &pending {
+            let Some(schema) = self.schemas.iter().find(|s| s.name.as_str() == entry.table) else {
+                continue; // the table is no longer synced
+            };
+            let schema = schema.clone();
+            match &entry.key {
+                Ok(key) => self.stamp(&schema, &entry.op, key, report)?,
+                Err(reason) => {
+                    self.dead_letter_local(&entry.table, reason)?;
+                    report.refused += 1;
+                }
+            }
+        }
+        self.conn
+            .execute("DELETE FROM _driftless_pending WHERE seq <= ?1", [last])
+            .map_err(db)?;
+        Ok(pending.len())
+    }
+
+    /// Stamps every pending local write (in bounded rounds) inside the current transaction.
+    pub(crate) fn capture_all_in_tx(
+        &mut self,
+        report: &mut CaptureReport,
+    ) -> Result<(), StoreError> {
+        while self.capture_in_tx(driftless_store::CAPTURE_BATCH_ROWS_MAX, report)? > 0 {}
+        Ok(())
+    }
+
+    fn read_pending(&self, limit: usize) -> Result<Vec<Pending>, StoreError> {
+        let keys: String = (0..KEY_COLUMNS_MAX).map(|i| format!(", k{i}")).collect();
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT seq, tbl, op{keys} FROM _driftless_pending ORDER BY seq LIMIT ?1"
+            ))
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([limit as i64], |r| {
+                let table: String = r.get(1)?;
+                let key_len = self
+                    .schemas
+                    .iter()
+                    .find(|s| s.name.as_str() == table)
+                    .map_or(0, |s| s.key_columns().len());
+                let mut parts = Vec::with_capacity(key_len);
+                let mut error = None;
+                for i in 0..key_len {
+                    match key_part_from_sql(r.get_ref(3 + i)?) {
+                        Ok(part) => parts.push(part),
+                        Err(e) => error = Some(e),
+                    }
+                }
+                let key = match error {
+                    Some(e) => Err(format!("local write to {table} not captured: {e}")),
+                    None if key_len == 0 => Err(String::new()),
+                    None => PrimaryKey::from_parts(&parts)
+                        .map_err(|e| format!("local write to {table} not captured: {e}")),
+                };
+                Ok(Pending {
+                    seq: r.get(0)?,
+                    table,
+                    op: r.get(2)?,
+                    key,
+                })
+            })
+            .map_err(db)?;
+        rows.collect::<Result<_, _>>().map_err(db)
+    }
+
+    fn stamp(
+        &mut self,
+        schema: &TableSchema,
+        op: &str,
+        key: &PrimaryKey,
+        report: &mut CaptureReport,
+    ) -> Result<(), StoreError> {
+        let table = &schema.name;
+        let mut state = load_state(&self.conn, table.as_str(), key)?;
+        let current = match read_user_row(&self.conn, schema, key) {
+            Ok(current) => current,
+            // A value driftless cannot represent (e.g. text that is not UTF-8): refuse this one
+            // write, visibly, without blocking the writes queued behind it.
+            Err(StoreError::Schema { reason, .. }) => {
+                self.dead_letter_local(
+                    table.as_str(),
+                    &format!("local write to {table} {key}: {reason}"),
+                )?;
+                report.refused += 1;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let change = match (op, &current) {
+            ("D", _) if state.is_live() => Some(self.make(|v| {
+                state
+                    .local_delete(table, key, v, schema.fingerprint)
+                    .map_err(|e| e.to_string())
+            })?),
+            ("D", _) => None,
+            // The row is gone again; the delete's own record follows in the queue.
+            (_, None) => None,
+            (_, Some(row)) if !state.is_live() => Some(self.make(|v| {
+                state
+                    .local_insert(
+                        table,
+                        key,
+                        v,
+                        row.clone(),
+                        &schema.rules,
+                        schema.fingerprint,
+                    )
+                    .map_err(|e| e.to_string())
+            })?),
+            (_, Some(row)) => {
+                let visible = state.visible().unwrap_or_default();
+                let changed: Vec<(ColumnName, Value)> = row
+                    .iter()
+                    .filter(|(c, v)| visible.get(c).unwrap_or(&Value::Null) != v)
+                    .cloned()
+                    .collect();
+                if changed.is_empty() {
+                    None
+                } else {
+                    Some(self.make(|v| {
+                        state
+                            .local_update(table, key, v, changed, &schema.rules, schema.fingerprint)
+                            .map_err(|e| e.to_string())
+                    })?)
+                }
+            }
+        };
+        let Some(change) = change else { return Ok(()) };
+        let change = match change {
+            Ok(change) => change,
+            Err(reason) => {
+                self.dead_letter_local(
+                    table.as_str(),
+                    &format!("local write to {table} {key}: {reason}"),
+                )?;
+                report.refused += 1;
+                return Ok(());
+            }
+        };
+        let outcome = state
+            .apply(&change, &schema.rules)
+            .map_err(|e| StoreError::Corrupt(format!("own change refused by merge: {e}")))?;
+        self.record_conflicts(&outcome.conflicts)?;
+        // A local write can lose at once (priority, max, min columns): set the row back to the
+        // winning values so the table shows what every replica will converge to.
+        if !change.is_delete() && !matches_row(&state, current.as_ref()) {
+            write_user_row(&self.conn, schema, key, state.visible().as_ref(), false).map_err(
+                |reason| StoreError::Schema {
+                    table: table.to_string(),
+                    reason: format!("cannot restore the winning value of {key}: {reason}"),
+                },
+            )?;
+            report.reverted += 1;
+        }
+        save_state(&self.conn, table.as_str(), key, &state)?;
+        append_log(&self.conn, &change)?;
+        report.changes.push(change);
+        Ok(())
+    }
+
+    /// Builds a change with a fresh version from the HLC.
+    fn make(
+        &mut self,
+        build: impl FnOnce(Version) -> Result<Change, String>,
+    ) -> Result<Result<Change, String>, StoreError> {
+        let version = Version::new(self.hlc.now()?, self.node);
+        Ok(build(version))
+    }
+
+    pub(crate) fn dead_letter_local(&self, table: &str, reason: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO _driftless_dead_letters (tbl, reason, at_ms) VALUES (?1, ?2, ?3)",
+                params![table, reason, self.now_ms() as i64],
+            )
+            .map_err(db)?;
+        Ok(())
+    }
+}
+
+/// Whether the user row shows exactly the state's visible values.
+fn matches_row(state: &RowState, row: Option<&Vec<(ColumnName, Value)>>) -> bool {
+    match (state.visible(), row) {
+        (None, None) => true,
+        (Some(visible), Some(row)) => {
+            let visible: &BTreeMap<ColumnName, Value> = &visible;
+            row.iter()
+                .all(|(c, v)| visible.get(c).unwrap_or(&Value::Null) == v)
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,135 @@
+//! driftless's own tables inside the user's SQLite file: their DDL and small accessors.
+//!
+//! Everything driftless stores lives in tables prefixed `_driftless_`, in the same file as the
+//! user's tables, so one SQLite transaction covers a user row, its metadata, the log entry and
+//! the peer cursor together.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Number of key columns the capture table can hold (the core's composite-key limit).
+pub const KEY_COLUMNS_MAX: usize = driftless_core::key::KEY_PARTS_MAX;
+
+/// Creates the metadata tables if missing. Idempotent.
+pub fn install(conn: &Connection) -> rusqlite::Result<()> {
+    let key_columns: String = (0..KEY_COLUMNS_MAX)
+        .map(|i| format!(", k{i} ANY"))
+        .collect();
+    conn.execute_batch(&format!(
+        r#"
+        CREATE TABLE IF NOT EXISTS _driftless_meta (
+            key TEXT PRIMARY KEY,
+            value ANY
+        ) WITHOUT ROWID;
+
+        -- One row. `applying` is 1 only inside driftless's own write transactions (set after
+        -- BEGIN, cleared before COMMIT), so no other connection ever sees it at 1: the capture
+        -- triggers skip driftless's own writes and record everyone else's.
+        CREATE TABLE IF NOT EXISTS _driftless_state (
+            id INTEGER PRIMARY KEY CHECK (id = 0),
+            applying INTEGER NOT NULL
+        );
+        INSERT OR IGNORE INTO _driftless_state (id, applying) VALUES (0, 0);
+
+        -- Local writes recorded by the triggers (table, operation, key values), not yet stamped.
+        CREATE TABLE IF NOT EXISTS _driftless_pending (
+            seq INTEGER PRIMARY KEY,
+            tbl TEXT NOT NULL,
+            op TEXT NOT NULL
+            {key_columns}
+        );
+
+        -- Merge state of every row ever seen (codec::encode_row_state), tombstones included.
+        CREATE TABLE IF NOT EXISTS _driftless_rows (
+            tbl TEXT NOT NULL,
+            pk BLOB NOT NULL,
+            state BLOB NOT NULL,
+            PRIMARY KEY (tbl, pk)
+        ) WITHOUT ROWID;
+
+        -- The change log: local writes and applied remote changes, in order. AUTOINCREMENT so a
+        -- sequence number is never reused, even after compaction empties the tail.
+        CREATE TABLE IF NOT EXISTS _driftless_log (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            tbl TEXT NOT NULL,
+            pk BLOB NOT NULL,
+            change BLOB NOT NULL
+        );
+
+        -- How far each sender's log has been applied here.
+        CREATE TABLE IF NOT EXISTS _driftless_cursors (
+            peer BLOB PRIMARY KEY,
+            seq INTEGER NOT NULL
+        ) WITHOUT ROWID;
+
+        -- How far each peer has applied our log.
+        CREATE TABLE IF NOT EXISTS _driftless_peers (
+            peer BLOB PRIMARY KEY,
+            acked INTEGER NOT NULL,
+            needs_bootstrap INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID;
+
+        CREATE TABLE IF NOT EXISTS _driftless_conflicts (
+            id INTEGER PRIMARY KEY,
+            tbl TEXT NOT NULL,
+            pk BLOB NOT NULL,
+            col TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            winner_version BLOB NOT NULL,
+            winner_value BLOB,
+            loser_version BLOB NOT NULL,
+            loser_value BLOB,
+            at_ms INTEGER NOT NULL,
+            UNIQUE (tbl, pk, col, loser_version)
+        );
+
+        CREATE TABLE IF NOT EXISTS _driftless_dead_letters (
+            id INTEGER PRIMARY KEY,
+            tbl TEXT NOT NULL,
+            pk BLOB,
+            version BLOB,
+            from_peer BLOB,
+            change BLOB,
+            reason TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 1,
+            at_ms INTEGER NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS _driftless_dead_letters_row ON _driftless_dead_letters (tbl, pk);
+
+        -- Changes stamped too far ahead of our clock, waiting for it to catch up.
+        CREATE TABLE IF NOT EXISTS _driftless_held (
+            id INTEGER PRIMARY KEY,
+            from_peer BLOB NOT NULL,
+            change BLOB NOT NULL,
+            reason TEXT NOT NULL,
+            at_ms INTEGER NOT NULL
+        );
+        "#
+    ))
+}
+
+pub fn get_i64(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        "SELECT value FROM _driftless_meta WHERE key = ?1",
+        [key],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+pub fn get_blob(conn: &Connection, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.query_row(
+        "SELECT value FROM _driftless_meta WHERE key = ?1",
+        [key],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+pub fn set<V: rusqlite::ToSql>(conn: &Connection, key: &str, value: V) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO _driftless_meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}

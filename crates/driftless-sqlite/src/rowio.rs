@@ -1,0 +1,222 @@
+//! Reading and writing rows: user rows by primary key, row merge states, log entries, and the
+//! conversions between SQLite values and driftless values.
+
+use crate::schema::{db, quote_ident};
+use driftless_core::codec::{decode_row_state, encode_change, encode_row_state};
+use driftless_core::{Change, ColumnName, KeyPart, PrimaryKey, RowState, Value};
+use driftless_store::{LogSeq, StoreError, TableSchema};
+use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+use std::collections::BTreeMap;
+
+/// A SQLite value as a driftless value. Text that is not UTF-8 is refused rather than mangled
+/// (a lossy conversion would replicate a value nobody wrote).
+pub fn from_sql(value: ValueRef<'_>) -> Result<Value, String> {
+    Ok(match value {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Integer(i),
+        ValueRef::Real(r) => Value::Real(r),
+        ValueRef::Text(t) => Value::Text(
+            String::from_utf8(t.to_vec())
+                .map_err(|_| "text value is not valid UTF-8".to_owned())?,
+        ),
+        ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+    })
+}
+
+pub fn to_sql(value: &Value) -> Result<SqlValue, String> {
+    Ok(match value {
+        Value::Null => SqlValue::Null,
+        Value::Integer(i) => SqlValue::Integer(*i),
+        Value::Real(r) => SqlValue::Real(*r),
+        Value::Text(t) => SqlValue::Text(t.clone()),
+        Value::Blob(b) => SqlValue::Blob(b.clone()),
+        other => return Err(format!("SQLite cannot store a {} value", other.type_name())),
+    })
+}
+
+pub fn key_part_from_sql(value: ValueRef<'_>) -> Result<KeyPart, String> {
+    Ok(match value {
+        ValueRef::Integer(i) => KeyPart::Integer(i),
+        ValueRef::Text(t) => KeyPart::Text(
+            String::from_utf8(t.to_vec()).map_err(|_| "key text is not valid UTF-8".to_owned())?,
+        ),
+        ValueRef::Blob(b) => KeyPart::Blob(b.to_vec()),
+        ValueRef::Null => return Err("a primary-key column is NULL".into()),
+        ValueRef::Real(r) => {
+            return Err(format!(
+                "a primary-key column holds the real number {r}; real keys are not supported"
+            ));
+        }
+    })
+}
+
+fn key_part_to_sql(part: &KeyPart) -> SqlValue {
+    match part {
+        KeyPart::Integer(i) => SqlValue::Integer(*i),
+        KeyPart::Text(t) => SqlValue::Text(t.clone()),
+        KeyPart::Blob(b) => SqlValue::Blob(b.clone()),
+    }
+}
+
+fn key_where(schema: &TableSchema) -> String {
+    schema
+        .key_columns()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = ?{}", quote_ident(c.name.as_str()), i + 1))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The non-key columns of a user row, or `None` if the row does not exist.
+pub fn read_user_row(
+    conn: &Connection,
+    schema: &TableSchema,
+    key: &PrimaryKey,
+) -> Result<Option<Vec<(ColumnName, Value)>>, StoreError> {
+    let columns: Vec<&ColumnName> = schema.value_columns().map(|c| &c.name).collect();
+    let select = if columns.is_empty() {
+        "1".to_owned()
+    } else {
+        columns
+            .iter()
+            .map(|c| quote_ident(c.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let sql = format!(
+        "SELECT {select} FROM {} WHERE {}",
+        quote_ident(schema.name.as_str()),
+        key_where(schema)
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(db)?;
+    let parts: Vec<SqlValue> = key.parts().iter().map(key_part_to_sql).collect();
+    let row = stmt
+        .query_row(params_from_iter(parts), |r| {
+            let mut values = Vec::with_capacity(columns.len());
+            for (i, c) in columns.iter().enumerate() {
+                values.push(((*c).clone(), from_sql(r.get_ref(i)?)));
+            }
+            Ok(values)
+        })
+        .optional()
+        .map_err(db)?;
+    let Some(row) = row else { return Ok(None) };
+    let mut out = Vec::with_capacity(row.len());
+    for (column, value) in row {
+        let value = value.map_err(|reason| StoreError::Schema {
+            table: schema.name.to_string(),
+            reason: format!("column {column}: {reason}"),
+        })?;
+        out.push((column, value));
+    }
+    Ok(Some(out))
+}
+
+/// Makes the user row match `visible` (`None` = the row must not exist). With `recreate`, an
+/// existing row is deleted first, so columns the new life has not written take their defaults
+/// instead of keeping values from the previous life. Errors carry SQLite's message (constraint
+/// violations) for the dead-letter table.
+pub fn write_user_row(
+    conn: &Connection,
+    schema: &TableSchema,
+    key: &PrimaryKey,
+    visible: Option<&BTreeMap<ColumnName, Value>>,
+    recreate: bool,
+) -> Result<(), String> {
+    let table = quote_ident(schema.name.as_str());
+    let parts: Vec<SqlValue> = key.parts().iter().map(key_part_to_sql).collect();
+    if visible.is_none() || recreate {
+        let sql = format!("DELETE FROM {table} WHERE {}", key_where(schema));
+        let mut stmt = conn.prepare_cached(&sql).map_err(|e| e.to_string())?;
+        stmt.execute(params_from_iter(parts.iter()))
+            .map_err(|e| e.to_string())?;
+    }
+    let Some(visible) = visible else {
+        return Ok(());
+    };
+    let keys = schema.key_columns();
+    let mut names: Vec<String> = keys.iter().map(|c| quote_ident(c.name.as_str())).collect();
+    let mut values = parts;
+    let mut updates = Vec::new();
+    for column in schema.value_columns() {
+        if let Some(value) = visible.get(&column.name) {
+            let q = quote_ident(column.name.as_str());
+            updates.push(format!("{q} = excluded.{q}"));
+            names.push(q);
+            values.push(to_sql(value)?);
+        }
+    }
+    let placeholders = (1..=names.len())
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let conflict_target = keys
+        .iter()
+        .map(|c| quote_ident(c.name.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let action = if updates.is_empty() {
+        "NOTHING".to_owned()
+    } else {
+        format!("UPDATE SET {}", updates.join(", "))
+    };
+    let sql = format!(
+        "INSERT INTO {table} ({}) VALUES ({placeholders}) ON CONFLICT ({conflict_target}) DO {action}",
+        names.join(", ")
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(|e| e.to_string())?;
+    stmt.execute(params_from_iter(values))
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+pub fn load_state(
+    conn: &Connection,
+    table: &str,
+    key: &PrimaryKey,
+) -> Result<RowState, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT state FROM _driftless_rows WHERE tbl = ?1 AND pk = ?2")
+        .map_err(db)?;
+    let bytes: Option<Vec<u8>> = stmt
+        .query_row(params![table, key.as_bytes()], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    match bytes {
+        None => Ok(RowState::new()),
+        Some(bytes) => decode_row_state(&bytes)
+            .map_err(|e| StoreError::Corrupt(format!("row state of {table} {key}: {e}"))),
+    }
+}
+
+pub fn save_state(
+    conn: &Connection,
+    table: &str,
+    key: &PrimaryKey,
+    state: &RowState,
+) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO _driftless_rows (tbl, pk, state) VALUES (?1, ?2, ?3)
+             ON CONFLICT (tbl, pk) DO UPDATE SET state = excluded.state",
+        )
+        .map_err(db)?;
+    stmt.execute(params![table, key.as_bytes(), encode_row_state(state)])
+        .map_err(db)?;
+    Ok(())
+}
+
+pub fn append_log(conn: &Connection, change: &Change) -> Result<LogSeq, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("INSERT INTO _driftless_log (tbl, pk, change) VALUES (?1, ?2, ?3)")
+        .map_err(db)?;
+    stmt.execute(params![
+        change.table.as_str(),
+        change.key.as_bytes(),
+        encode_change(change)
+    ])
+    .map_err(db)?;
+    Ok(LogSeq(conn.last_insert_rowid() as u64))
+}

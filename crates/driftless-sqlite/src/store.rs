@@ -1,0 +1,249 @@
+//! The `SqliteStore` type: opening a database, installing capture, and the transaction helper
+//! every operation goes through.
+
+use crate::meta;
+use crate::schema::{bootstrap_sql, db, introspect, trigger_sql};
+use driftless_core::{Clock, Hlc, NodeId, TableName, Timestamp};
+use driftless_store::{StoreError, SystemClock, TableConfig, TableSchema, random_node_id};
+use rusqlite::Connection;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Settings of a SQLite replica.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// The tables to sync, with their merge rules.
+    pub tables: Vec<TableConfig>,
+    /// A remote change stamped further ahead of our wall clock than this is held, not applied.
+    pub max_clock_offset: Duration,
+    /// Node id to use when installing into a database for the first time (random if `None`).
+    /// If the database already has one, it must match.
+    pub node_id: Option<NodeId>,
+    /// How long to wait for another connection's write lock before failing.
+    pub busy_timeout: Duration,
+}
+
+impl SqliteOptions {
+    pub fn new(tables: Vec<TableConfig>) -> Self {
+        SqliteOptions {
+            tables,
+            max_clock_offset: Duration::from_secs(60),
+            node_id: None,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Errors from opening a store.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open SQLite database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot install driftless into {path}: {source}")]
+    Install { path: PathBuf, source: StoreError },
+    #[error("no tables configured: list at least one table to sync")]
+    NoTables,
+    #[error("table {0} is configured twice")]
+    DuplicateTable(TableName),
+}
+
+/// A SQLite replica: the user's database file with driftless's capture and metadata installed.
+#[derive(Debug)]
+pub struct SqliteStore<C: Clock = SystemClock> {
+    pub(crate) conn: Connection,
+    pub(crate) node: NodeId,
+    pub(crate) hlc: Hlc<C>,
+    pub(crate) configs: Vec<TableConfig>,
+    pub(crate) schemas: Vec<TableSchema>,
+    /// `PRAGMA schema_version` when the schemas were last read; a change means DDL happened.
+    pub(crate) schema_version: i64,
+    pub(crate) path: PathBuf,
+}
+
+impl SqliteStore<SystemClock> {
+    /// Opens (and on first use installs into) the database at `path` with the system clock.
+    pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, OpenError> {
+        Self::open_with_clock(path, options, SystemClock)
+    }
+}
+
+impl<C: Clock> SqliteStore<C> {
+    /// Opens with an injected wall clock (tests and simulations).
+    pub fn open_with_clock(
+        path: impl AsRef<Path>,
+        options: SqliteOptions,
+        clock: C,
+    ) -> Result<Self, OpenError> {
+        let path = path.as_ref().to_path_buf();
+        if options.tables.is_empty() {
+            return Err(OpenError::NoTables);
+        }
+        for (i, t) in options.tables.iter().enumerate() {
+            if options.tables[..i].iter().any(|o| o.name == t.name) {
+                return Err(OpenError::DuplicateTable(t.name.clone()));
+            }
+        }
+        let conn = Connection::open(&path).map_err(|source| OpenError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let install_error = |source| OpenError::Install {
+            path: path.clone(),
+            source,
+        };
+        conn.busy_timeout(options.busy_timeout)
+            .map_err(|e| install_error(db(e)))?;
+        // WAL: readers never block the writer. synchronous=NORMAL in WAL mode survives process
+        // crashes (SIGKILL) with no loss; on power loss the last commits may roll back, but data
+        // and cursors always roll back together.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(|e| install_error(db(e)))?;
+        let mut store = SqliteStore {
+            conn,
+            node: NodeId::default(),
+            hlc: Hlc::new(clock, options.max_clock_offset),
+            configs: options.tables,
+            schemas: Vec::new(),
+            schema_version: -1,
+            path: path.clone(),
+        };
+        store.install(options.node_id).map_err(install_error)?;
+        Ok(store)
+    }
+
+    fn install(&mut self, wanted: Option<NodeId>) -> Result<(), StoreError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(db)?;
+        let result = self.install_in_tx(wanted);
+        let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        self.conn.execute_batch(end).map_err(db)?;
+        result
+    }
+
+    fn install_in_tx(&mut self, wanted: Option<NodeId>) -> Result<(), StoreError> {
+        meta::install(&self.conn).map_err(db)?;
+        self.node = match meta::get_blob(&self.conn, "node_id").map_err(db)? {
+            Some(bytes) => {
+                let bytes: [u8; 16] = bytes
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("node_id is not 16 bytes".into()))?;
+                let found = NodeId::from_bytes(bytes);
+                if let Some(expected) = wanted.filter(|w| *w != found) {
+                    return Err(StoreError::WrongNode { expected, found });
+                }
+                found
+            }
+            None => {
+                let id = match wanted {
+                    Some(id) => id,
+                    None => random_node_id()
+                        .map_err(|e| StoreError::Database(format!("OS random source: {e}")))?,
+                };
+                meta::set(&self.conn, "node_id", id.to_bytes().to_vec()).map_err(db)?;
+                id
+            }
+        };
+        if let Some(last) = meta::get_i64(&self.conn, "hlc").map_err(db)? {
+            self.hlc.observe_persisted(Timestamp::from_u64(last as u64));
+        }
+        self.refresh_schemas_in_tx(true)
+    }
+
+    /// Re-reads the synced tables' schemas and reinstalls the triggers. With `bootstrap`,
+    /// tables seen for the first time get their existing rows queued as local inserts.
+    pub(crate) fn refresh_schemas_in_tx(&mut self, bootstrap: bool) -> Result<(), StoreError> {
+        let mut schemas = Vec::with_capacity(self.configs.len());
+        for config in &self.configs {
+            let schema = introspect(&self.conn, config)?;
+            self.conn.execute_batch(&trigger_sql(&schema)).map_err(db)?;
+            let installed_key = format!("installed:{}", schema.name);
+            if bootstrap
+                && meta::get_i64(&self.conn, &installed_key)
+                    .map_err(db)?
+                    .is_none()
+            {
+                self.conn
+                    .execute_batch(&bootstrap_sql(&schema))
+                    .map_err(db)?;
+                meta::set(&self.conn, &installed_key, 1).map_err(db)?;
+            }
+            schemas.push(schema);
+        }
+        self.schemas = schemas;
+        self.schema_version = self.read_schema_version()?;
+        Ok(())
+    }
+
+    fn read_schema_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("PRAGMA schema_version", [], |r| r.get(0))
+            .map_err(db)
+    }
+
+    /// Runs `body` in one write transaction with capture suppressed for driftless's own writes.
+    /// Picks up schema changes (e.g. an added column) first. Rolls back on error.
+    pub(crate) fn write_tx<T>(
+        &mut self,
+        body: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE; UPDATE _driftless_state SET applying = 1;")
+            .map_err(db)?;
+        let result = (|| {
+            if self.read_schema_version()? != self.schema_version {
+                self.refresh_schemas_in_tx(false)?;
+            }
+            let value = body(self)?;
+            meta::set(&self.conn, "hlc", self.hlc.last().as_u64() as i64).map_err(db)?;
+            self.conn
+                .execute_batch("UPDATE _driftless_state SET applying = 0; COMMIT;")
+                .map_err(db)?;
+            Ok(value)
+        })();
+        if result.is_err() {
+            // Best effort: the transaction may already be gone if COMMIT itself failed.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        result
+    }
+
+    /// The schema of a synced table.
+    pub(crate) fn schema(&self, table: &TableName) -> Option<&TableSchema> {
+        self.schemas.iter().find(|s| &s.name == table)
+    }
+
+    /// Milliseconds since the epoch for ledger timestamps.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.hlc.clock().now_ms()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The HLC (tests and the node read it; the store owns it).
+    pub fn hlc(&self) -> &Hlc<C> {
+        &self.hlc
+    }
+
+    pub fn hlc_mut(&mut self) -> &mut Hlc<C> {
+        &mut self.hlc
+    }
+
+    /// SQLite's `PRAGMA data_version`: changes whenever another connection commits to the file.
+    /// Polling it is how a node notices writes made by other processes.
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(db)
+    }
+
+    /// The underlying connection, for read-only inspection in tests and tools.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}

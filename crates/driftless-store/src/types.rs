@@ -1,0 +1,264 @@
+//! Types that cross the store contract.
+
+use driftless_core::{
+    Change, ColumnKind, ColumnName, ConflictRecord, NodeId, PrimaryKey, SchemaFingerprint,
+    TableName, TableRules, Version,
+};
+use std::fmt;
+
+/// A position in a node's change log. Entry sequence numbers start at 1 and only grow;
+/// `LogSeq(0)` means "before the first entry".
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Debug)]
+pub struct LogSeq(pub u64);
+
+impl fmt::Display for LogSeq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// One entry of the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub seq: LogSeq,
+    pub change: Change,
+}
+
+/// A page of the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPage {
+    pub entries: Vec<LogEntry>,
+    /// The cursor after this page: the last entry's sequence, or `after` if the page is empty.
+    pub next: LogSeq,
+    /// The log's highest sequence when read.
+    pub head: LogSeq,
+}
+
+/// One column of a synced table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnSchema {
+    pub name: ColumnName,
+    /// The type as declared in the store (`INTEGER`, `text`, ...), empty if none.
+    pub declared_type: String,
+    pub kind: ColumnKind,
+    /// Position in the primary key (0-based), `None` for other columns.
+    pub primary_key: Option<usize>,
+    pub not_null: bool,
+}
+
+/// A synced table as introspected from the store, with its merge rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSchema {
+    pub name: TableName,
+    /// In declaration order.
+    pub columns: Vec<ColumnSchema>,
+    pub rules: TableRules,
+    pub fingerprint: SchemaFingerprint,
+}
+
+impl TableSchema {
+    /// Primary-key columns in key order.
+    pub fn key_columns(&self) -> Vec<&ColumnSchema> {
+        let mut key: Vec<_> = self
+            .columns
+            .iter()
+            .filter(|c| c.primary_key.is_some())
+            .collect();
+        key.sort_by_key(|c| c.primary_key);
+        key
+    }
+
+    /// Non-key columns in declaration order.
+    pub fn value_columns(&self) -> impl Iterator<Item = &ColumnSchema> {
+        self.columns.iter().filter(|c| c.primary_key.is_none())
+    }
+
+    pub fn column(&self, name: &ColumnName) -> Option<&ColumnSchema> {
+        self.columns.iter().find(|c| &c.name == name)
+    }
+}
+
+/// Configuration of one synced table: its name and merge rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableConfig {
+    pub name: TableName,
+    /// Columns with a kind other than `lww`.
+    pub column_kinds: Vec<(ColumnName, ColumnKind)>,
+    /// Nodes whose writes win on `lww` columns.
+    pub priority: Vec<NodeId>,
+}
+
+impl TableConfig {
+    pub fn new(name: TableName) -> Self {
+        TableConfig {
+            name,
+            column_kinds: Vec::new(),
+            priority: Vec::new(),
+        }
+    }
+}
+
+/// Local writes stamped by one capture call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureReport {
+    /// The new changes, in the order they were written and logged.
+    pub changes: Vec<Change>,
+    /// Local writes that could not become changes (e.g. a NULL or REAL primary key); each is
+    /// in the dead-letter table with its reason.
+    pub refused: usize,
+    /// Local writes that lost the merge at once (priority, max, min) and were set back to
+    /// the winning value in the store.
+    pub reverted: usize,
+}
+
+/// What one apply call did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Changes that changed the replica.
+    pub applied: usize,
+    /// Changes already fully present (duplicate delivery).
+    pub duplicates: usize,
+    /// Changes that lost entirely to newer state.
+    pub superseded: usize,
+    /// Conflicts resolved (new ledger entries).
+    pub conflicts: usize,
+    /// Changes put in the dead-letter table.
+    pub dead_lettered: usize,
+    /// Changes held because they are stamped too far ahead of the local clock.
+    pub held: usize,
+    /// Local writes stamped first, in the same transaction.
+    pub captured: usize,
+}
+
+impl ApplyReport {
+    pub fn add(&mut self, other: &ApplyReport) {
+        self.applied += other.applied;
+        self.duplicates += other.duplicates;
+        self.superseded += other.superseded;
+        self.conflicts += other.conflicts;
+        self.dead_lettered += other.dead_lettered;
+        self.held += other.held;
+        self.captured += other.captured;
+    }
+}
+
+/// What a peer must do to follow this node's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerLogState {
+    /// Stream from the peer's cursor.
+    Stream,
+    /// Entries the peer has not applied were compacted away: it must be re-bootstrapped from a
+    /// snapshot (then stream from `resume_after`).
+    NeedsBootstrap { resume_after: LogSeq },
+}
+
+/// When to drop log entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionPolicy {
+    /// Entries referenced by current state are kept at least this many entries behind the head,
+    /// even if all known peers have them, so brief newcomers can catch up without a snapshot.
+    pub retain_entries_min: u64,
+    /// The log may hold at most this many entries; beyond that the oldest are dropped and peers
+    /// that had not applied them are marked for re-bootstrap (the disk never fills up because a
+    /// peer went away).
+    pub retain_entries_max: u64,
+    /// Most entries examined per call (bounds the transaction).
+    pub scan_entries_max: usize,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        CompactionPolicy {
+            retain_entries_min: 10_000,
+            retain_entries_max: 10_000_000,
+            scan_entries_max: 100_000,
+        }
+    }
+}
+
+/// What one compaction call did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// Entries dropped because later entries supersede them.
+    pub superseded_dropped: usize,
+    /// Entries dropped because every peer had them (or by the size limit).
+    pub retired_dropped: usize,
+    /// Peers newly marked for re-bootstrap.
+    pub peers_marked_for_bootstrap: Vec<NodeId>,
+    /// Everything at or below this sequence is gone (entries above may also be gone if superseded).
+    pub floor: LogSeq,
+}
+
+/// A chunk of a table snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotChunk {
+    /// The rows as changes that rebuild their full merge state.
+    pub changes: Vec<Change>,
+    /// Resume after this key; `None` when the table is finished.
+    pub next: Option<PrimaryKey>,
+    /// The log head when the chunk was read: after the snapshot, stream from the head taken
+    /// when the first chunk was read.
+    pub log_head: LogSeq,
+}
+
+/// Id of a dead letter.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct DeadLetterId(pub i64);
+
+impl fmt::Display for DeadLetterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A change that could not be applied, with why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub id: DeadLetterId,
+    /// Table name as carried by the change (may be unknown here).
+    pub table: String,
+    pub key: Option<PrimaryKey>,
+    pub version: Option<Version>,
+    /// The node the change came from (`None` for a local write that could not be captured).
+    pub from: Option<NodeId>,
+    pub reason: String,
+    pub attempts: u32,
+    pub at_ms: u64,
+}
+
+/// A conflict from the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredConflict {
+    pub id: i64,
+    pub record: ConflictRecord,
+    pub at_ms: u64,
+}
+
+/// Per-table counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableStats {
+    pub table: TableName,
+    pub rows: u64,
+    pub conflicts: u64,
+    pub dead_letters: u64,
+}
+
+/// Errors of store operations. The store is unchanged when one is returned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("table {table}: {reason}")]
+    Schema { table: String, reason: String },
+    #[error("unknown table {0}")]
+    UnknownTable(String),
+    #[error("batch of {len} items exceeds the limit of {max}")]
+    BatchTooLarge { len: usize, max: usize },
+    #[error("driftless metadata is corrupt: {0}")]
+    Corrupt(String),
+    #[error("clock: {0}")]
+    Clock(#[from] driftless_core::ClockError),
+    #[error("the store was installed for node {found}, not {expected}")]
+    WrongNode { expected: NodeId, found: NodeId },
+}

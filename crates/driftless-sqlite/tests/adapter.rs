@@ -1,0 +1,474 @@
+//! Behaviour of the SQLite adapter, one property per test: echo suppression and relaying,
+//! dead letters and their retry, schema handling, bootstrap, compaction, snapshots, clock holds.
+
+use driftless_core::hlc::ManualClock;
+use driftless_core::{ColumnKind, ColumnName, NodeId, TableName};
+use driftless_sqlite::{OpenError, SqliteOptions, SqliteStore};
+use driftless_store::{CompactionPolicy, LogSeq, PeerLogState, Store, StoreError, TableConfig};
+use rusqlite::Connection;
+use std::path::Path;
+use std::time::Duration;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn items() -> TableName {
+    TableName::new("items").unwrap()
+}
+
+fn open(
+    path: &Path,
+    node: u128,
+    clock: &ManualClock,
+    ddl: &str,
+) -> (SqliteStore<ManualClock>, Connection) {
+    let client = Connection::open(path).unwrap();
+    client.execute_batch(ddl).unwrap();
+    let mut options = SqliteOptions::new(vec![TableConfig::new(items())]);
+    options.node_id = Some(NodeId::new(node));
+    options.max_clock_offset = Duration::from_secs(5);
+    let store = SqliteStore::open_with_clock(path, options, clock.clone()).unwrap();
+    (store, client)
+}
+
+const DDL: &str =
+    "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER);";
+
+fn rows(conn: &Connection) -> Vec<(i64, Option<String>, Option<i64>)> {
+    let mut stmt = conn
+        .prepare("SELECT id, name, qty FROM items ORDER BY id")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Ships `from`'s log after the receiver's cursor.
+fn sync(
+    from: &mut SqliteStore<ManualClock>,
+    to: &mut SqliteStore<ManualClock>,
+) -> driftless_store::ApplyReport {
+    let mut total = driftless_store::ApplyReport::default();
+    loop {
+        let after = to.cursor(from.node_id()).unwrap();
+        let page = from.read_log(after, 100).unwrap();
+        if page.entries.is_empty() {
+            return total;
+        }
+        let changes: Vec<_> = page.entries.iter().map(|e| e.change.clone()).collect();
+        total.add(&to.apply_batch(from.node_id(), &changes, page.next).unwrap());
+    }
+}
+
+#[test]
+fn applied_changes_are_not_captured_again_and_relays_keep_origin_and_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let (mut a, ca) = open(&dir.path().join("a.db"), 1, &clock, DDL);
+    let (mut b, cb) = open(&dir.path().join("b.db"), 2, &clock, DDL);
+    let (mut c, cc) = open(&dir.path().join("c.db"), 3, &clock, DDL);
+    let mut written = Vec::new();
+    for sql in [
+        "INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2)",
+        "UPDATE items SET qty = 5 WHERE id = 1",
+    ] {
+        ca.execute(sql, []).unwrap();
+        written.extend(a.capture(100).unwrap().changes);
+    }
+    assert_eq!(written.len(), 3);
+
+    let report = sync(&mut a, &mut b);
+    assert_eq!(report.applied, 3);
+    // no echo: applying created no pending local writes and nothing new to stamp
+    assert_eq!(b.pending_local_writes().unwrap(), 0);
+    assert!(b.capture(100).unwrap().changes.is_empty());
+    // b's log holds the relayed changes with a's origin and versions, not new local ones
+    let relayed: Vec<_> = b
+        .read_log(LogSeq(0), 100)
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.change)
+        .collect();
+    assert_eq!(relayed, written);
+    assert!(relayed.iter().all(|ch| ch.origin() == NodeId::new(1)));
+
+    // c only talks to b, and still gets a's writes with a's versions
+    sync(&mut b, &mut c);
+    let at_c: Vec<_> = c
+        .read_log(LogSeq(0), 100)
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.change)
+        .collect();
+    assert_eq!(at_c, written);
+    assert_eq!(rows(&cc), rows(&ca));
+    assert_eq!(rows(&cb), rows(&ca));
+    // replaying the same pages again changes nothing (exactly-once effect)
+    let again = b.apply_batch(NodeId::new(1), &written, LogSeq(3)).unwrap();
+    assert_eq!((again.applied, again.duplicates + again.superseded), (0, 3));
+    assert_eq!(b.read_log(LogSeq(0), 100).unwrap().entries.len(), 3);
+}
+
+#[test]
+fn unapplicable_changes_become_dead_letters_without_blocking_the_batch_and_retry_after_a_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let source_ddl = "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, code TEXT);";
+    let strict_ddl =
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL, code TEXT UNIQUE);";
+    let (mut a, ca) = open(&dir.path().join("a.db"), 1, &clock, source_ddl);
+    let (mut b, cb) = open(&dir.path().join("b.db"), 2, &clock, strict_ddl);
+    for sql in [
+        "INSERT INTO items (id, name, code) VALUES (1, 'one', 'X')",
+        "INSERT INTO items (id, name, code) VALUES (3, NULL, 'Z')",
+        "INSERT INTO items (id, name, code) VALUES (4, 'four', 'X2')",
+        "UPDATE items SET code = 'X' WHERE id = 4",
+        "INSERT INTO items (id, name, code) VALUES (5, 'five', 'W')",
+        // the source's schema moves ahead of the replica's
+        "ALTER TABLE items ADD COLUMN extra TEXT",
+        "INSERT INTO items (id, name, code, extra) VALUES (2, 'two', 'Y', 'new column')",
+    ] {
+        ca.execute(sql, []).unwrap();
+        a.capture(100).unwrap();
+    }
+    let report = sync(&mut a, &mut b);
+    assert_eq!(report.dead_lettered, 3, "{report:?}");
+    assert_eq!(
+        report.applied, 3,
+        "rows 1, 4 (insert) and 5 apply; {report:?}"
+    );
+    let dead = b.dead_letters(10).unwrap();
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert!(
+        reasons[0].contains("NOT NULL constraint failed: items.name"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("UNIQUE constraint failed: items.code"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].contains("unknown column extra"), "{reasons:?}");
+    assert!(
+        dead.iter()
+            .all(|d| d.from == Some(NodeId::new(1)) && d.key.is_some())
+    );
+    assert_eq!(
+        b.cursor(NodeId::new(1)).unwrap(),
+        a.log_head().unwrap(),
+        "the cursor moved past them"
+    );
+    let stats = b.table_stats().unwrap();
+    assert_eq!(stats[0].dead_letters, 3);
+
+    // Retry before fixing anything: they stay, with one more attempt counted.
+    let still = b.retry_dead_letters(None).unwrap();
+    assert_eq!(still.dead_lettered, 3);
+    assert!(b.dead_letters(10).unwrap().iter().all(|d| d.attempts == 2));
+
+    // Fix the schema: add the column, drop the NOT NULL and UNIQUE constraints (table rebuild).
+    cb.execute_batch(
+        "BEGIN;
+         CREATE TABLE items_new (id INTEGER PRIMARY KEY, name TEXT, code TEXT, extra TEXT);
+         INSERT INTO items_new (id, name, code) SELECT id, name, code FROM items;
+         DROP TABLE items;
+         ALTER TABLE items_new RENAME TO items;
+         COMMIT;",
+    )
+    .unwrap();
+    let retried = b.retry_dead_letters(None).unwrap();
+    assert_eq!(
+        (retried.applied, retried.dead_lettered),
+        (3, 0),
+        "{retried:?}"
+    );
+    assert!(b.dead_letters(10).unwrap().is_empty());
+    type Full = Vec<(i64, Option<String>, Option<String>, Option<String>)>;
+    let full = |c: &Connection| -> Full {
+        let mut s = c
+            .prepare("SELECT id, name, code, extra FROM items ORDER BY id")
+            .unwrap();
+        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert_eq!(full(&cb), full(&ca));
+    // capture still works on the rebuilt table (triggers were reinstalled)
+    cb.execute("UPDATE items SET name = 'uno' WHERE id = 1", [])
+        .unwrap();
+    assert_eq!(b.capture(10).unwrap().changes.len(), 1);
+}
+
+#[test]
+fn a_table_without_primary_key_or_missing_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.db");
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TABLE items (name TEXT, qty INTEGER);")
+        .unwrap();
+    let err =
+        SqliteStore::open(&path, SqliteOptions::new(vec![TableConfig::new(items())])).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("items") && text.contains("has no PRIMARY KEY"),
+        "{text}"
+    );
+    let missing = SqliteStore::open(
+        &path,
+        SqliteOptions::new(vec![TableConfig::new(TableName::new("nope").unwrap())]),
+    )
+    .unwrap_err();
+    assert!(missing.to_string().contains("no such table"), "{missing}");
+    assert!(matches!(
+        SqliteStore::open(&path, SqliteOptions::new(vec![])),
+        Err(OpenError::NoTables)
+    ));
+    // nothing was left half-installed: the user's table has no triggers
+    let triggers: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(triggers, 0);
+}
+
+#[test]
+fn existing_rows_are_bootstrapped_and_added_columns_are_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.db");
+    let client = Connection::open(&path).unwrap();
+    client
+        .execute_batch(&format!(
+            "{DDL} INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2);"
+        ))
+        .unwrap();
+    let clock = ManualClock::new(T0);
+    let (mut store, _) = open(&path, 1, &clock, DDL);
+    assert_eq!(
+        store.capture(100).unwrap().changes.len(),
+        2,
+        "existing rows get versions at install"
+    );
+    // reopening does not bootstrap again
+    drop(store);
+    let (mut store, _) = open(&path, 1, &clock, DDL);
+    assert!(store.capture(100).unwrap().changes.is_empty());
+
+    client
+        .execute_batch(
+            "ALTER TABLE items ADD COLUMN color TEXT; UPDATE items SET color = 'red' WHERE id = 1;",
+        )
+        .unwrap();
+    let changes = store.capture(100).unwrap().changes;
+    assert_eq!(changes.len(), 1);
+    let cells: Vec<&str> = changes[0]
+        .cells()
+        .iter()
+        .map(|c| c.column.as_str())
+        .collect();
+    assert_eq!(cells, vec!["color"]);
+    assert!(
+        store.schemas()[0]
+            .column(&ColumnName::new("color").unwrap())
+            .is_some()
+    );
+}
+
+#[test]
+fn a_store_keeps_its_node_id_and_refuses_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.db");
+    let clock = ManualClock::new(T0);
+    let (store, _) = open(&path, 7, &clock, DDL);
+    drop(store);
+    let mut options = SqliteOptions::new(vec![TableConfig::new(items())]);
+    options.node_id = Some(NodeId::new(8));
+    let err = SqliteStore::open(&path, options).unwrap_err();
+    assert!(err.to_string().contains("installed for node"), "{err}");
+}
+
+#[test]
+fn compaction_drops_superseded_entries_and_a_peer_behind_retention_must_bootstrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let (mut a, ca) = open(&dir.path().join("a.db"), 1, &clock, DDL);
+    ca.execute("INSERT INTO items VALUES (1, 'a', 0)", [])
+        .unwrap();
+    a.capture(10).unwrap();
+    for i in 1..=10 {
+        ca.execute(
+            "UPDATE items SET name = ?1, qty = ?2 WHERE id = 1",
+            rusqlite::params![format!("v{i}"), i],
+        )
+        .unwrap();
+        a.capture(10).unwrap();
+    }
+    ca.execute("INSERT INTO items VALUES (2, 'b', 0)", [])
+        .unwrap();
+    a.capture(10).unwrap();
+    assert_eq!(a.read_log(LogSeq(0), 100).unwrap().entries.len(), 12);
+    let slow_peer = NodeId::new(99);
+    assert_eq!(
+        a.record_ack(slow_peer, LogSeq(0)).unwrap(),
+        PeerLogState::Stream
+    );
+
+    let report = a
+        .compact(&CompactionPolicy {
+            retain_entries_min: 0,
+            retain_entries_max: 100,
+            scan_entries_max: 1000,
+        })
+        .unwrap();
+    assert_eq!(report.superseded_dropped, 10, "{report:?}");
+    assert_eq!(
+        report.retired_dropped, 0,
+        "the slow peer has not acknowledged anything"
+    );
+    // a new replica fed the compacted log reaches the same state
+    let (mut b, cb) = open(&dir.path().join("b.db"), 2, &clock, DDL);
+    sync(&mut a, &mut b);
+    assert_eq!(rows(&cb), rows(&ca));
+
+    // the log may hold only one entry: the slow peer falls behind the floor
+    let report = a
+        .compact(&CompactionPolicy {
+            retain_entries_min: 0,
+            retain_entries_max: 1,
+            scan_entries_max: 1000,
+        })
+        .unwrap();
+    assert_eq!(report.peers_marked_for_bootstrap, vec![slow_peer]);
+    assert!(matches!(
+        a.peer_state(slow_peer, LogSeq(0)).unwrap(),
+        PeerLogState::NeedsBootstrap { .. }
+    ));
+    assert!(matches!(
+        a.record_ack(slow_peer, LogSeq(0)).unwrap(),
+        PeerLogState::NeedsBootstrap { .. }
+    ));
+
+    // the re-bootstrap: a snapshot in small chunks, then the log from the snapshot's head
+    let (mut c, cc) = open(&dir.path().join("c.db"), 3, &clock, DDL);
+    let mut after = None;
+    let mut head = None;
+    loop {
+        let chunk = a.snapshot_chunk(&items(), after.as_ref(), 1).unwrap();
+        head.get_or_insert(chunk.log_head);
+        c.apply_batch(a.node_id(), &chunk.changes, LogSeq(0))
+            .unwrap();
+        match chunk.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(rows(&cc), rows(&ca));
+    assert_eq!(
+        a.record_ack(slow_peer, head.unwrap()).unwrap(),
+        PeerLogState::Stream
+    );
+}
+
+#[test]
+fn a_change_stamped_too_far_ahead_is_held_then_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = ManualClock::new(T0 + 60_000);
+    let slow = ManualClock::new(T0);
+    let (mut a, ca) = open(&dir.path().join("a.db"), 1, &fast, DDL);
+    let (mut b, cb) = open(&dir.path().join("b.db"), 2, &slow, DDL);
+    ca.execute("INSERT INTO items VALUES (1, 'from the future', 1)", [])
+        .unwrap();
+    a.capture(10).unwrap();
+    let report = sync(&mut a, &mut b);
+    assert_eq!((report.held, report.applied), (1, 0));
+    assert!(rows(&cb).is_empty());
+    assert!(
+        b.hlc().last().physical_ms() < T0 + 60_000,
+        "a held change does not drag the clock forward"
+    );
+    assert_eq!(b.release_held().unwrap().applied, 0, "still too far ahead");
+    slow.set(T0 + 56_000);
+    assert_eq!(b.release_held().unwrap().applied, 1);
+    assert_eq!(rows(&cb), rows(&ca));
+}
+
+#[test]
+fn concurrent_writes_are_resolved_and_recorded_in_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let (mut a, ca) = open(&dir.path().join("a.db"), 1, &clock, DDL);
+    let (mut b, cb) = open(&dir.path().join("b.db"), 2, &clock, DDL);
+    ca.execute("INSERT INTO items VALUES (1, 'tea', 10)", [])
+        .unwrap();
+    a.capture(10).unwrap();
+    sync(&mut a, &mut b);
+    ca.execute("UPDATE items SET name = 'green tea' WHERE id = 1", [])
+        .unwrap();
+    a.capture(10).unwrap();
+    clock.advance(5);
+    cb.execute("UPDATE items SET name = 'black tea' WHERE id = 1", [])
+        .unwrap();
+    b.capture(10).unwrap();
+    sync(&mut a, &mut b);
+    sync(&mut b, &mut a);
+    assert_eq!(rows(&ca), rows(&cb));
+    assert_eq!(rows(&ca)[0].1.as_deref(), Some("black tea"));
+    for store in [&mut a, &mut b] {
+        let conflicts = store.conflicts(10).unwrap();
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert_eq!(conflicts[0].record.loser.value, Some("green tea".into()));
+        assert_eq!(store.table_stats().unwrap()[0].conflicts, 1);
+    }
+}
+
+#[test]
+fn a_local_write_that_loses_at_once_is_set_back_to_the_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let path = dir.path().join("a.db");
+    let client = Connection::open(&path).unwrap();
+    client.execute_batch(DDL).unwrap();
+    let mut config = TableConfig::new(items());
+    config.column_kinds = vec![(ColumnName::new("qty").unwrap(), ColumnKind::Max)];
+    let mut options = SqliteOptions::new(vec![config]);
+    options.node_id = Some(NodeId::new(1));
+    let mut store = SqliteStore::open_with_clock(&path, options, clock).unwrap();
+    client
+        .execute("INSERT INTO items VALUES (1, 'a', 10)", [])
+        .unwrap();
+    store.capture(10).unwrap();
+    client
+        .execute("UPDATE items SET qty = 3 WHERE id = 1", [])
+        .unwrap();
+    let report = store.capture(10).unwrap();
+    assert_eq!(report.reverted, 1);
+    assert_eq!(rows(&client), vec![(1, Some("a".into()), Some(10))]);
+    assert_eq!(store.conflicts(10).unwrap().len(), 1);
+    // the revert itself was not captured as a new write
+    assert!(store.capture(10).unwrap().changes.is_empty());
+}
+
+#[test]
+fn oversized_batches_are_refused_before_touching_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let (mut a, _) = open(&dir.path().join("a.db"), 1, &clock, DDL);
+    let change = {
+        let (mut src, c) = open(&dir.path().join("s.db"), 2, &clock, DDL);
+        c.execute("INSERT INTO items VALUES (1, 'a', 1)", [])
+            .unwrap();
+        src.capture(1).unwrap().changes.remove(0)
+    };
+    let batch = vec![change; driftless_store::APPLY_BATCH_CHANGES_MAX + 1];
+    let err = a
+        .apply_batch(NodeId::new(2), &batch, LogSeq(1))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::BatchTooLarge { .. }), "{err}");
+    assert_eq!(a.cursor(NodeId::new(2)).unwrap(), LogSeq(0));
+}

@@ -40,25 +40,39 @@ impl Encoder {
     pub fn finish(self) -> Vec<u8> {
         self.out
     }
-    fn u8(&mut self, v: u8) {
+    pub fn with_capacity(bytes: usize) -> Self {
+        Encoder {
+            out: Vec::with_capacity(bytes),
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+    pub fn u8(&mut self, v: u8) {
         self.out.push(v);
     }
-    fn u32(&mut self, v: usize) {
+    pub fn u32(&mut self, v: usize) {
         let v = u32::try_from(v).expect("lengths are bounded far below u32::MAX");
         self.out.extend_from_slice(&v.to_be_bytes());
     }
-    fn u64(&mut self, v: u64) {
+    pub fn u64(&mut self, v: u64) {
         self.out.extend_from_slice(&v.to_be_bytes());
     }
-    fn bytes(&mut self, v: &[u8]) {
+    pub fn bytes(&mut self, v: &[u8]) {
         self.u32(v.len());
         self.out.extend_from_slice(v);
+    }
+    pub fn node(&mut self, v: NodeId) {
+        self.out.extend_from_slice(&v.to_bytes());
     }
     pub fn version(&mut self, v: Version) {
         self.u64(v.timestamp.as_u64());
         self.out.extend_from_slice(&v.node.to_bytes());
     }
-    fn opt_version(&mut self, v: Option<Version>) {
+    pub fn opt_version(&mut self, v: Option<Version>) {
         match v {
             None => self.u8(0),
             Some(v) => {
@@ -153,12 +167,17 @@ impl<'a> Decoder<'a> {
     pub fn new(input: &'a [u8]) -> Self {
         Decoder { input, at: 0 }
     }
-    fn fail<T>(&self, reason: impl Into<String>) -> Result<T, DecodeError> {
+    pub fn fail<T>(&self, reason: impl Into<String>) -> Result<T, DecodeError> {
         Err(DecodeError {
             offset: self.at,
             reason: reason.into(),
         })
     }
+    /// Bytes not yet consumed.
+    pub fn remaining(&self) -> usize {
+        self.input.len() - self.at
+    }
+
     /// Fails unless every byte was consumed.
     pub fn finish(self) -> Result<(), DecodeError> {
         if self.at != self.input.len() {
@@ -177,24 +196,24 @@ impl<'a> Decoder<'a> {
         self.at += n;
         Ok(slice)
     }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
-    fn u32(&mut self) -> Result<usize, DecodeError> {
+    pub fn u32(&mut self) -> Result<usize, DecodeError> {
         let raw = self.take(4)?;
         Ok(u32::from_be_bytes(raw.try_into().expect("4 bytes")) as usize)
     }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub fn u64(&mut self) -> Result<u64, DecodeError> {
         let raw = self.take(8)?;
         Ok(u64::from_be_bytes(raw.try_into().expect("8 bytes")))
     }
-    fn node(&mut self) -> Result<NodeId, DecodeError> {
+    pub fn node(&mut self) -> Result<NodeId, DecodeError> {
         let raw = self.take(16)?;
         Ok(NodeId::from_bytes(raw.try_into().expect("16 bytes")))
     }
     /// A count of items each at least `min_item_bytes` long, checked against `max` and against
     /// the bytes left, so a forged count cannot make us allocate.
-    fn count(&mut self, max: usize, min_item_bytes: usize) -> Result<usize, DecodeError> {
+    pub fn count(&mut self, max: usize, min_item_bytes: usize) -> Result<usize, DecodeError> {
         let n = self.u32()?;
         if n > max {
             return self.fail(format!("count {n} exceeds the limit {max}"));
@@ -204,18 +223,18 @@ impl<'a> Decoder<'a> {
         }
         Ok(n)
     }
-    fn bytes(&mut self, max: usize) -> Result<&'a [u8], DecodeError> {
+    pub fn bytes(&mut self, max: usize) -> Result<&'a [u8], DecodeError> {
         let n = self.count(max, 1)?;
         self.take(n)
     }
-    fn text(&mut self, max: usize) -> Result<&'a str, DecodeError> {
+    pub fn text(&mut self, max: usize) -> Result<&'a str, DecodeError> {
         let raw = self.bytes(max)?;
         match std::str::from_utf8(raw) {
             Ok(t) => Ok(t),
             Err(_) => self.fail("text is not UTF-8"),
         }
     }
-    fn column(&mut self) -> Result<ColumnName, DecodeError> {
+    pub fn column(&mut self) -> Result<ColumnName, DecodeError> {
         let text = self.text(crate::ids::NAME_BYTES_MAX)?;
         ColumnName::new(text).or_else(|e| self.fail(e.to_string()))
     }
@@ -223,7 +242,7 @@ impl<'a> Decoder<'a> {
         let timestamp = Timestamp::from_u64(self.u64()?);
         Ok(Version::new(timestamp, self.node()?))
     }
-    fn opt_version(&mut self) -> Result<Option<Version>, DecodeError> {
+    pub fn opt_version(&mut self) -> Result<Option<Version>, DecodeError> {
         match self.u8()? {
             0 => Ok(None),
             1 => Ok(Some(self.version()?)),

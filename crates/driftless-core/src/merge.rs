@@ -182,10 +182,10 @@ impl RowState {
         {
             return Err("a counter cell has at least one part");
         }
-        if let Some(version) = version {
-            if cells.values().any(|c| c.max_version() > version) {
-                return Err("no cell is newer than its row");
-            }
+        if let Some(version) = version
+            && cells.values().any(|c| c.max_version() > version)
+        {
+            return Err("no cell is newer than its row");
         }
         Ok(RowState {
             causal_length,

@@ -201,11 +201,10 @@ impl<C: Clock> SqliteStore<C> {
                     .map_err(db)?;
                 meta::set(&store.conn, "log_floor", target as i64).map_err(db)?;
                 for (peer, acked) in &peers {
-                    if (*acked as u64) < target && (*acked as u64) >= floor.0 {
-                        if let Ok(bytes) = <[u8; 16]>::try_from(peer.as_slice()) {
+                    if (*acked as u64) < target && (*acked as u64) >= floor.0
+                        && let Ok(bytes) = <[u8; 16]>::try_from(peer.as_slice()) {
                             report.peers_marked_for_bootstrap.push(NodeId::from_bytes(bytes));
                         }
-                    }
                 }
                 report.floor = LogSeq(target);
             } else {

@@ -23,3 +23,10 @@ pub fn random_node_id() -> Result<NodeId, getrandom::Error> {
     getrandom::fill(&mut bytes)?;
     Ok(NodeId::from_bytes(bytes))
 }
+
+/// A random `u64` from the OS random source (for jitter and ids).
+pub fn random_u64() -> Result<u64, getrandom::Error> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes)?;
+    Ok(u64::from_le_bytes(bytes))
+}

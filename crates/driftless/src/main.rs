@@ -1,27 +1,299 @@
 //! The `driftless` binary: parses the command line and hands off to the library crates.
 //! It holds no logic of its own.
 
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use driftless_node::{Config, Listeners, ops};
+use driftless_store::{LISTING_ROWS_MAX, Store};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("--version" | "version") => {
-            println!("driftless {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+#[derive(Parser)]
+#[command(
+    name = "driftless",
+    version,
+    about = "Keeps the same tables in several data stores in agreement."
+)]
+struct Cli {
+    /// Log format of `run` and `quickstart`.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Three SQLite replicas on this machine, synced, through conflicts and a partition.
+    Quickstart {
+        /// Where to create the replicas and their configs.
+        #[arg(long, default_value = "./driftless-quickstart")]
+        dir: PathBuf,
+        /// Run the demo and exit: 0 if all replicas converged, 1 otherwise.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Run one node.
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Write a commented example config.
+    Init {
+        /// Where to write it.
+        #[arg(short, long, default_value = "driftless.toml")]
+        output: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Per peer: connected, lag, backlog, last error; per table: rows, conflicts, dead letters.
+    Status {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Changes that could not be applied.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// The conflict ledger.
+    Conflicts {
+        #[command(subcommand)]
+        action: ConflictsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List dead letters with their reasons.
+    List {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Retry dead letters (all, or the given ids) after fixing their cause.
+    Retry {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Dead letter ids; none = all.
+        ids: Vec<i64>,
+    },
+    /// Discard dead letters for good (all, or the given ids).
+    Drop {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Dead letter ids; none = all.
+        ids: Vec<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConflictsAction {
+    /// List resolved conflicts, newest first.
+    List {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+/// Logs go to stderr; `DRIFTLESS_LOG` (e.g. `debug`, `driftless_node=trace`) overrides the level.
+fn init_logs(format: LogFormat, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("DRIFTLESS_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let colors = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colors)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn terminated() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
         }
-        Some("--help" | "-h" | "help") | None => {
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialize")
+    );
+}
+
+async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Quickstart { dir, once } => {
+            // the quickstart tells its own story; logs show only warnings unless asked
+            init_logs(cli.log_format, "warn");
+            let report = driftless_node::quickstart::quickstart(&dir, once, terminated()).await?;
+            Ok(if report.converged {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Run { config } => {
+            init_logs(cli.log_format, "info");
+            let config = Config::load(&config)?;
+            let listeners = Listeners::bind(&config).await?;
+            driftless_node::run(config, listeners, terminated()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Init { output, force } => {
+            if output.exists() && !force {
+                bail!("{} exists; pass --force to overwrite it", output.display());
+            }
+            std::fs::write(&output, driftless_node::config::EXAMPLE)
+                .with_context(|| format!("cannot write {}", output.display()))?;
             println!(
-                "driftless {}: keeps the same tables in several data stores in agreement.\n\n\
-                 usage: driftless --version\n\n\
-                 This build contains the merge core only; the node, store adapters and their\n\
-                 commands are not built yet (see ARCHITECTURE.md).",
-                env!("CARGO_PKG_VERSION")
+                "wrote {}: edit it, then `driftless run -c {}`",
+                output.display(),
+                output.display()
             );
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
-        Some(other) => {
-            eprintln!("driftless: unknown command {other:?}; try `driftless --help`");
+        Command::Status { config, json } => {
+            let config = Config::load(&config)?;
+            let (status, running) = match config.admin_addr {
+                Some(addr) => match ops::fetch_status(addr).await {
+                    Ok(status) => (status, true),
+                    Err(e) => {
+                        eprintln!(
+                            "admin API at {addr} unreachable ({e}); reading the store directly"
+                        );
+                        (ops::offline_status(&config)?, false)
+                    }
+                },
+                None => (ops::offline_status(&config)?, false),
+            };
+            if json {
+                let mut value = serde_json::to_value(&status)?;
+                value["running"] = running.into();
+                print_json(&value);
+            } else {
+                print!("{}", ops::render_status(&status, running));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq { action } => {
+            let (config, json) = match &action {
+                DlqAction::List { config, json, .. }
+                | DlqAction::Retry { config, json, .. }
+                | DlqAction::Drop { config, json, .. } => (config.clone(), *json),
+            };
+            let config = Config::load(&config)?;
+            let mut store = driftless_node::open_store(&config)?;
+            match action {
+                DlqAction::List { limit, .. } => {
+                    let letters = store.dead_letters(limit.min(LISTING_ROWS_MAX))?;
+                    if json {
+                        print_json(&ops::dead_letters_json(&letters));
+                    } else {
+                        print!("{}", ops::render_dead_letters(&letters));
+                    }
+                }
+                DlqAction::Retry { ids, .. } => {
+                    let report = store.retry_dead_letters(ops::ids(&ids).as_deref())?;
+                    if json {
+                        print_json(
+                            &serde_json::json!({"applied": report.applied, "still_dead": report.dead_lettered, "held": report.held}),
+                        );
+                    } else {
+                        println!(
+                            "retried: {} applied, {} still dead, {} held",
+                            report.applied, report.dead_lettered, report.held
+                        );
+                    }
+                }
+                DlqAction::Drop { ids, .. } => {
+                    let dropped = store.drop_dead_letters(ops::ids(&ids).as_deref())?;
+                    if json {
+                        print_json(&serde_json::json!({"dropped": dropped}));
+                    } else {
+                        println!("dropped {dropped} dead letters");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Conflicts {
+            action:
+                ConflictsAction::List {
+                    config,
+                    json,
+                    limit,
+                },
+        } => {
+            let config = Config::load(&config)?;
+            let mut store = driftless_node::open_store(&config)?;
+            let conflicts = store.conflicts(limit.min(LISTING_ROWS_MAX))?;
+            if json {
+                print_json(&ops::conflicts_json(&conflicts));
+            } else {
+                print!("{}", ops::render_conflicts(&conflicts));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("driftless: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main_inner(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("driftless: {e:#}");
             ExitCode::from(2)
         }
     }

@@ -1,0 +1,88 @@
+//! The admin HTTP listener: `/healthz` (process alive), `/readyz` (store reachable, not shutting
+//! down) and `/status` (JSON for `driftless status`).
+
+use crate::node::Context;
+use crate::status::{NodeStatus, TableStatus};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use driftless_store::Store;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+pub async fn serve(ctx: Arc<Context>, listener: TcpListener) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/status", get(status))
+        .with_state(ctx.clone());
+    let mut shutdown = ctx.shutdown.clone();
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            crate::node::stopped(&mut shutdown).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "admin listener stopped");
+    }
+}
+
+async fn ready(State(ctx): State<Arc<Context>>) -> (StatusCode, String) {
+    if *ctx.shutdown.borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+    }
+    match ctx.store.call(|s| s.log_head()).await {
+        Ok(_) => (StatusCode::OK, "ready\n".into()),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unreachable: {e}\n"),
+        ),
+    }
+}
+
+/// Builds the status document of a running node.
+pub async fn node_status(ctx: &Context) -> Result<NodeStatus, driftless_store::StoreError> {
+    let (head, pending, held, tables) = ctx
+        .store
+        .call(|s| {
+            let held: i64 = s
+                .connection()
+                .query_row("SELECT count(*) FROM _driftless_held", [], |r| r.get(0))
+                .map_err(|e| driftless_store::StoreError::Database(e.to_string()))?;
+            Ok((
+                s.log_head()?,
+                s.pending_local_writes()?,
+                held as u64,
+                s.table_stats()?,
+            ))
+        })
+        .await?;
+    Ok(NodeStatus {
+        name: ctx.name.clone(),
+        node_id: ctx.node_id.to_string(),
+        store: ctx.config.sqlite_path.display().to_string(),
+        log_head: head.0,
+        pending_local_writes: pending,
+        held_changes: held,
+        peers: ctx.peers.snapshot(),
+        tables: tables
+            .into_iter()
+            .map(|t| TableStatus {
+                table: t.table.to_string(),
+                rows: t.rows,
+                conflicts: t.conflicts,
+                dead_letters: t.dead_letters,
+            })
+            .collect(),
+    })
+}
+
+async fn status(State(ctx): State<Arc<Context>>) -> Result<Json<NodeStatus>, (StatusCode, String)> {
+    node_status(&ctx).await.map(Json).map_err(|e| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unreachable: {e}\n"),
+        )
+    })
+}

@@ -1,0 +1,472 @@
+//! The node: wires the store, the capture poller, the peer links (listener and dialers) and
+//! the admin API together, and runs them until shutdown. `run(config, listeners, shutdown)` is
+//! the whole daemon; the binary and the tests both call it.
+
+use crate::config::{PeerSection, ResolvedConfig};
+use crate::session::{Expect, SessionError, run_session};
+use crate::status::PeerRegistry;
+use crate::store_handle::StoreHandle;
+use driftless_core::{NodeId, SchemaFingerprint, TableName};
+use driftless_sqlite::{SqliteOptions, SqliteStore};
+use driftless_store::{CAPTURE_BATCH_ROWS_MAX, CompactionPolicy, LogSeq, Store, StoreError};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// How long a new TCP or TLS connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often held changes are retried.
+const RELEASE_HELD_INTERVAL: Duration = Duration::from_secs(1);
+/// Most inbound connections handled at once; more wait in the kernel's accept queue.
+const INBOUND_CONNECTIONS_MAX: usize = 256;
+
+/// Errors that stop a node from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Open(#[from] driftless_sqlite::OpenError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] driftless_tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the capture poller stopped: {0}")]
+    Poller(String),
+}
+
+/// Listening sockets, bound by the caller (tests bind port 0 and read the address back).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub peers: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses named in the config.
+    pub async fn bind(config: &ResolvedConfig) -> Result<Listeners, NodeError> {
+        let bind = |addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Bind { addr, source })
+        };
+        Ok(Listeners {
+            peers: match config.listen_addr {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            },
+            admin: match config.admin_addr {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// State shared by all of a node's tasks.
+#[derive(Debug)]
+pub struct Context {
+    pub config: ResolvedConfig,
+    pub store: StoreHandle,
+    pub node_id: NodeId,
+    pub name: String,
+    pub tables: Vec<(TableName, SchemaFingerprint)>,
+    /// The local log's head; senders wait on it for new entries.
+    pub head: watch::Sender<LogSeq>,
+    pub shutdown: watch::Receiver<bool>,
+    pub peers: PeerRegistry,
+    pub auth_failures: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub changes_applied: AtomicU64,
+    pub changes_captured: AtomicU64,
+    /// Peers with a live link: one link per peer at a time.
+    active: Mutex<HashSet<NodeId>>,
+}
+
+impl Context {
+    /// Claims the one link allowed per peer; false if it already has one.
+    pub(crate) fn claim(&self, peer: NodeId) -> bool {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer)
+    }
+    pub(crate) fn release(&self, peer: NodeId) {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&peer);
+    }
+}
+
+/// Opens the node's store as configured.
+pub fn open_store(config: &ResolvedConfig) -> Result<SqliteStore, NodeError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    if let Some(parent) = config.sqlite_path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| NodeError::DataDir {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    let mut options = SqliteOptions::new(config.tables.clone());
+    options.node_id = Some(config.node_id);
+    options.max_clock_offset = config.max_clock_offset;
+    Ok(SqliteStore::open(&config.sqlite_path, options)?)
+}
+
+/// Runs a node until `shutdown` completes. On shutdown, links say goodbye, the batch being
+/// applied finishes (it is one transaction either way), and the function returns.
+pub async fn run(
+    config: ResolvedConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let mut store = open_store(&config)?;
+    let tables = store
+        .schemas()
+        .iter()
+        .map(|s| (s.name.clone(), s.fingerprint))
+        .collect();
+    let head = store.log_head()?;
+    let (head_tx, _) = watch::channel(head);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server_tls = match &config.file.listen {
+        Some(listen) if !listen.insecure => Some(driftless_tls::acceptor(
+            driftless_tls::server_config(&driftless_tls::ServerTlsFiles {
+                cert: listen.cert.clone().expect("validated"),
+                key: listen.key.clone().expect("validated"),
+                client_ca: listen.client_ca.clone(),
+            })?,
+        )),
+        _ => None,
+    };
+    let mut connectors = Vec::new();
+    for peer in &config.file.peers {
+        let connector = if peer.insecure {
+            None
+        } else {
+            Some(driftless_tls::connector(driftless_tls::client_config(
+                &driftless_tls::ClientTlsFiles {
+                    ca: peer.ca.clone().expect("validated"),
+                    cert: peer.cert.clone(),
+                    key: peer.key.clone(),
+                },
+            )?))
+        };
+        connectors.push((peer.clone(), connector));
+    }
+    let ctx = Arc::new(Context {
+        node_id: config.node_id,
+        name: config.file.node.name.clone(),
+        tables,
+        store: StoreHandle::new(store),
+        head: head_tx,
+        shutdown: stop_rx.clone(),
+        peers: PeerRegistry::default(),
+        auth_failures: AtomicU64::new(0),
+        protocol_errors: AtomicU64::new(0),
+        changes_applied: AtomicU64::new(0),
+        changes_captured: AtomicU64::new(0),
+        active: Mutex::new(HashSet::new()),
+        config,
+    });
+    tracing::info!(node = %ctx.name, id = %ctx.node_id, "node starting");
+
+    let poller = {
+        let ctx = ctx.clone();
+        std::thread::Builder::new()
+            .name("driftless-capture".into())
+            .spawn(move || poll_store(ctx))
+            .map_err(|e| NodeError::Poller(e.to_string()))?
+    };
+    let mut tasks = JoinSet::new();
+    if let Some(listener) = listeners.peers {
+        tasks.spawn(accept_peers(ctx.clone(), listener, server_tls));
+    }
+    for (peer, connector) in connectors {
+        tasks.spawn(dial_peer(ctx.clone(), peer, connector));
+    }
+    if let Some(listener) = listeners.admin {
+        tasks.spawn(crate::admin::serve(ctx.clone(), listener));
+    }
+
+    shutdown.await;
+    tracing::info!(node = %ctx.name, "shutting down");
+    let _ = stop_tx.send(true);
+    // Links finish the batch they are applying and say goodbye; give them a moment.
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        tasks.abort_all();
+    }
+    let poller_result = tokio::task::spawn_blocking(move || poller.join())
+        .await
+        .map_err(|e| NodeError::Poller(e.to_string()))?;
+    // Taking the store lock once more waits for any store call still running to commit.
+    ctx.store.call(|_| Ok(())).await?;
+    match poller_result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(NodeError::Poller(e.to_string())),
+        Err(_) => Err(NodeError::Poller("the capture thread panicked".into())),
+    }
+}
+
+/// The capture poller: notices commits by other connections (SQLite's `data_version` changes),
+/// stamps them, and wakes the senders. Also releases held changes and compacts the log.
+fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
+    let sync = &ctx.config.file.sync;
+    let poll = Duration::from_millis(sync.poll_interval_ms.max(1));
+    let compact_every = Duration::from_millis(sync.compact_interval_ms.max(1_000));
+    let policy = CompactionPolicy {
+        retain_entries_min: sync.retain_entries_min,
+        retain_entries_max: sync.retain_entries_max,
+        ..CompactionPolicy::default()
+    };
+    let mut seen_version = None;
+    let mut last_release = Instant::now();
+    let mut last_compact = Instant::now();
+    let mut failures = 0u32;
+    while !*ctx.shutdown.borrow() {
+        let result = ctx.store.call_blocking(|s| {
+            let version = s.data_version()?;
+            if seen_version != Some(version) {
+                seen_version = Some(version);
+                loop {
+                    let captured = s.capture(CAPTURE_BATCH_ROWS_MAX)?.changes.len();
+                    ctx.changes_captured.fetch_add(captured as u64, Ordering::Relaxed);
+                    if captured < CAPTURE_BATCH_ROWS_MAX {
+                        break;
+                    }
+                }
+            }
+            if last_release.elapsed() >= RELEASE_HELD_INTERVAL {
+                last_release = Instant::now();
+                s.release_held()?;
+            }
+            if last_compact.elapsed() >= compact_every {
+                last_compact = Instant::now();
+                let report = s.compact(&policy)?;
+                for peer in report.peers_marked_for_bootstrap {
+                    tracing::warn!(peer = %peer, "peer fell behind the log's retention; it will be re-bootstrapped");
+                }
+            }
+            s.log_head()
+        });
+        match result {
+            Ok(head) => {
+                failures = 0;
+                ctx.head.send_if_modified(|h| {
+                    let changed = *h != head;
+                    *h = head;
+                    changed
+                });
+            }
+            Err(e) => {
+                // Usually a lock held too long by another process: log, back off, retry.
+                failures += 1;
+                tracing::warn!(error = %e, failures, "capture failed; retrying");
+                std::thread::sleep(Duration::from_millis(100 * u64::from(failures.min(50))));
+                seen_version = None;
+            }
+        }
+        std::thread::sleep(poll);
+    }
+    Ok(())
+}
+
+async fn accept_peers(
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let mut shutdown = ctx.shutdown.clone();
+    let limit = Arc::new(tokio::sync::Semaphore::new(INBOUND_CONNECTIONS_MAX));
+    let mut links = JoinSet::new();
+    loop {
+        let (socket, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::node::stopped(&mut shutdown) => break,
+        };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        let ctx = ctx.clone();
+        let tls = tls.clone();
+        links.spawn(async move {
+            let _permit = permit;
+            let _ = socket.set_nodelay(true);
+            let (name, result) = match tls {
+                None => run_session(ctx.clone(), socket, Expect::Inbound { tls_identity: None }).await,
+                Some(acceptor) => match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(socket)).await {
+                    Ok(Ok(stream)) => {
+                        let identity = driftless_tls::peer_identity(stream.get_ref().1);
+                        run_session(ctx.clone(), stream, Expect::Inbound { tls_identity: identity }).await
+                    }
+                    Ok(Err(e)) => {
+                        ctx.auth_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%addr, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%addr, "TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            match result {
+                Ok(()) | Err(SessionError::Shutdown) => {}
+                Err(e) if routine_end(&e) => {
+                    tracing::info!(%addr, peer = name.as_deref().unwrap_or("?"), error = %e, "inbound link ended")
+                }
+                Err(e) => tracing::warn!(%addr, peer = name.as_deref().unwrap_or("?"), error = %e, "inbound link ended"),
+            }
+        });
+        while links.try_join_next().is_some() {}
+    }
+    while links.join_next().await.is_some() {}
+}
+
+/// Ends of a link that are part of normal operation (a peer restarting or not up yet): logged
+/// at info, not as warnings.
+fn routine_end(e: &SessionError) -> bool {
+    match e {
+        SessionError::Goodbye(reason) => reason == "shutting down",
+        SessionError::Wire(driftless_wire::WireError::Closed) => true,
+        SessionError::Wire(driftless_wire::WireError::Io(io)) => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionRefused
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+        ),
+        _ => false,
+    }
+}
+
+/// Completes once shutdown has been requested. (The guard `wait_for` returns must not live
+/// across an await in a `Send` task, so it is dropped here.)
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Full-jitter exponential backoff: a random delay in `[0, min(max, min * 2^attempt)]`.
+pub fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
+    let ceiling = min.saturating_mul(1u32 << attempt.min(20)).min(max);
+    let random = driftless_store::random_u64().unwrap_or(attempt as u64 * 7919);
+    Duration::from_millis(random % (ceiling.as_millis() as u64 + 1))
+}
+
+async fn dial_peer(
+    ctx: Arc<Context>,
+    peer: PeerSection,
+    connector: Option<tokio_rustls::TlsConnector>,
+) {
+    let sync = &ctx.config.file.sync;
+    let (min, max) = (
+        Duration::from_millis(sync.reconnect_min_ms),
+        Duration::from_millis(sync.reconnect_max_ms),
+    );
+    let mut shutdown = ctx.shutdown.clone();
+    let mut attempt = 0u32;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let started = Instant::now();
+        let outcome = connect_and_run(&ctx, &peer, connector.as_ref()).await;
+        if let Err(e) = &outcome
+            && !matches!(e, SessionError::Shutdown)
+        {
+            if routine_end(e) {
+                tracing::info!(peer = %peer.name, error = %e, "link to peer ended");
+            } else {
+                tracing::warn!(peer = %peer.name, error = %e, "link to peer ended");
+            }
+            ctx.peers.update(&peer.name, |p| {
+                p.connected = false;
+                p.last_error = Some(e.to_string());
+            });
+        }
+        // A link that stayed up a while starts the backoff over.
+        if started.elapsed() > max {
+            attempt = 0;
+        }
+        let delay = backoff(attempt, min, max);
+        attempt = attempt.saturating_add(1);
+        ctx.peers.update(&peer.name, |p| p.reconnects += 1);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = crate::node::stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+async fn connect_and_run(
+    ctx: &Arc<Context>,
+    peer: &PeerSection,
+    connector: Option<&tokio_rustls::TlsConnector>,
+) -> Result<(), SessionError> {
+    let io = |e: std::io::Error| SessionError::Wire(driftless_wire::WireError::Io(e));
+    let socket = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&peer.addr)).await {
+        Ok(s) => s.map_err(io)?,
+        Err(_) => {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )));
+        }
+    };
+    let _ = socket.set_nodelay(true);
+    let (_, result) = match connector {
+        None => run_session(ctx.clone(), socket, Expect::Outbound(peer)).await,
+        Some(connector) => {
+            let server_name = driftless_tls::server_name(&peer.name)
+                .map_err(|e| SessionError::Refused(e.to_string()))?;
+            let stream =
+                match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(server_name, socket))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        ctx.auth_failures.fetch_add(1, Ordering::Relaxed);
+                        return Err(SessionError::Refused(format!(
+                            "TLS handshake with {} failed: {e}",
+                            peer.name
+                        )));
+                    }
+                    Err(_) => {
+                        return Err(io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "TLS handshake timed out",
+                        )));
+                    }
+                };
+            run_session(ctx.clone(), stream, Expect::Outbound(peer)).await
+        }
+    };
+    result
+}

@@ -1,0 +1,527 @@
+//! One peer link: the hello exchange and its checks, then full-duplex streaming — our log out in
+//! a bounded window of batches, their batches in, applied and acknowledged one by one.
+
+use crate::node::Context;
+use driftless_core::{Clock, NodeId};
+use driftless_store::{LogSeq, PeerLogState, Store, StoreError, SystemClock};
+use driftless_wire::{
+    Batch, BatchKind, Hello, Message, PROTOCOL_VERSION, WireError, read_message, write_message,
+};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Semaphore, mpsc};
+
+/// How long the other side has to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a link ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The other side failed a check (version, identity, token): counted as an auth failure
+    /// or protocol error, the link is closed with this reason.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The other side closed the link and said why.
+    #[error("peer said goodbye: {0}")]
+    Goodbye(String),
+    #[error("no message from the peer for {0:?}")]
+    Silent(Duration),
+    #[error("shutting down")]
+    Shutdown,
+}
+
+/// Who we expect on the other end.
+#[derive(Debug)]
+pub enum Expect<'a> {
+    /// We dialed this configured peer.
+    Outbound(&'a crate::config::PeerSection),
+    /// It dialed us; `tls_identity` is the node name in its verified client certificate.
+    Inbound { tls_identity: Option<String> },
+}
+
+async fn my_hello(
+    ctx: &Context,
+    peer: Option<NodeId>,
+    token: Option<String>,
+) -> Result<Hello, StoreError> {
+    let (cursor, log_head) = ctx
+        .store
+        .call(move |s| {
+            let cursor = match peer {
+                Some(p) => s.cursor(p)?,
+                None => LogSeq(0),
+            };
+            Ok((cursor, s.log_head()?))
+        })
+        .await?;
+    Ok(Hello {
+        protocol: PROTOCOL_VERSION,
+        node: ctx.node_id,
+        name: ctx.name.clone(),
+        token,
+        tables: ctx.tables.clone(),
+        cursor,
+        log_head,
+    })
+}
+
+async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Hello, SessionError> {
+    match tokio::time::timeout(HELLO_TIMEOUT, read_message(reader)).await {
+        Err(_) => Err(SessionError::Refused(format!(
+            "no hello within {HELLO_TIMEOUT:?}"
+        ))),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(Message::Hello(h))) => Ok(h),
+        Ok(Ok(Message::Goodbye { reason })) => Err(SessionError::Goodbye(reason)),
+        Ok(Ok(other)) => Err(SessionError::Refused(format!(
+            "expected a hello, got {}",
+            message_name(&other)
+        ))),
+    }
+}
+
+fn message_name(m: &Message) -> &'static str {
+    match m {
+        Message::Hello(_) => "hello",
+        Message::Batch(_) => "batch",
+        Message::Ack { .. } => "ack",
+        Message::SnapshotDone { .. } => "snapshot-done",
+        Message::Heartbeat { .. } => "heartbeat",
+        Message::Goodbye { .. } => "goodbye",
+    }
+}
+
+/// Checks the other side's hello. Returns the reason to refuse, and whether it is an
+/// authentication failure (token or certificate) rather than a protocol error.
+fn check_hello(ctx: &Context, hello: &Hello, expect: &Expect<'_>) -> Result<(), (String, bool)> {
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err((
+            format!(
+                "protocol version {} is not supported (this node speaks {PROTOCOL_VERSION})",
+                hello.protocol
+            ),
+            false,
+        ));
+    }
+    if hello.node != crate::config::node_id_from_name(&hello.name) {
+        return Err((
+            format!(
+                "node id {} does not belong to the name {:?}",
+                hello.node, hello.name
+            ),
+            true,
+        ));
+    }
+    if hello.node == ctx.node_id {
+        return Err(("the peer has this node's own name".into(), false));
+    }
+    match expect {
+        Expect::Outbound(peer) => {
+            if hello.name != peer.name {
+                return Err((
+                    format!("expected node {:?}, reached {:?}", peer.name, hello.name),
+                    true,
+                ));
+            }
+        }
+        Expect::Inbound { tls_identity } => {
+            if let Some(listen) = &ctx.config.file.listen {
+                if listen.client_ca.is_some()
+                    && tls_identity.as_deref() != Some(hello.name.as_str())
+                {
+                    return Err((
+                        format!(
+                            "client certificate names {:?} but the hello says {:?}",
+                            tls_identity.as_deref().unwrap_or("nobody"),
+                            hello.name
+                        ),
+                        true,
+                    ));
+                }
+                if !listen.tokens.is_empty()
+                    && !hello
+                        .token
+                        .as_ref()
+                        .is_some_and(|t| listen.tokens.iter().any(|ok| constant_time_eq(ok, t)))
+                {
+                    return Err(("missing or wrong token".into(), true));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Compares secrets without an early exit that would leak how much matched.
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Runs one link until it ends. Returns the peer's name with the outcome.
+pub async fn run_session<S>(
+    ctx: Arc<Context>,
+    stream: S,
+    expect: Expect<'_>,
+) -> (Option<String>, Result<(), SessionError>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (their_hello, direction) = match &expect {
+        Expect::Outbound(peer) => {
+            let peer_id = crate::config::node_id_from_name(&peer.name);
+            let hello = match my_hello(&ctx, Some(peer_id), peer.token.clone()).await {
+                Ok(h) => h,
+                Err(e) => return (Some(peer.name.clone()), Err(e.into())),
+            };
+            if let Err(e) = write_message(&mut writer, &Message::Hello(hello)).await {
+                return (Some(peer.name.clone()), Err(e.into()));
+            }
+            match read_hello(&mut reader).await {
+                Ok(h) => (h, "outbound"),
+                Err(e) => return (Some(peer.name.clone()), Err(e)),
+            }
+        }
+        Expect::Inbound { .. } => match read_hello(&mut reader).await {
+            Ok(h) => (h, "inbound"),
+            Err(e) => {
+                if matches!(
+                    e,
+                    SessionError::Refused(_)
+                        | SessionError::Wire(
+                            WireError::Malformed(_)
+                                | WireError::FrameTooLarge { .. }
+                                | WireError::UnknownTag(_)
+                        )
+                ) {
+                    ctx.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                return (None, Err(e));
+            }
+        },
+    };
+    let name = their_hello.name.clone();
+    if let Err((reason, auth)) = check_hello(&ctx, &their_hello, &expect) {
+        let counter = if auth {
+            &ctx.auth_failures
+        } else {
+            &ctx.protocol_errors
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %name, %reason, "refusing peer");
+        let _ = write_message(
+            &mut writer,
+            &Message::Goodbye {
+                reason: reason.clone(),
+            },
+        )
+        .await;
+        return (Some(name), Err(SessionError::Refused(reason)));
+    }
+    let peer = their_hello.node;
+    if !ctx.claim(peer) {
+        let reason = "already connected to this node".to_owned();
+        let _ = write_message(
+            &mut writer,
+            &Message::Goodbye {
+                reason: reason.clone(),
+            },
+        )
+        .await;
+        return (Some(name), Err(SessionError::Refused(reason)));
+    }
+    if let Expect::Inbound { .. } = expect {
+        let token = None;
+        let hello = match my_hello(&ctx, Some(peer), token).await {
+            Ok(h) => h,
+            Err(e) => {
+                ctx.release(peer);
+                return (Some(name), Err(e.into()));
+            }
+        };
+        if let Err(e) = write_message(&mut writer, &Message::Hello(hello)).await {
+            ctx.release(peer);
+            return (Some(name), Err(e.into()));
+        }
+    }
+    for (table, fingerprint) in &their_hello.tables {
+        if let Some((_, mine)) = ctx.tables.iter().find(|(t, _)| t == table)
+            && mine != fingerprint
+        {
+            tracing::warn!(peer = %name, %table, "schema differs from the peer's; changes to columns this node lacks will be dead-lettered");
+        }
+    }
+    ctx.peers.update(&name, |p| {
+        p.node_id = peer.to_string();
+        p.direction = direction.to_owned();
+        p.connected = true;
+        p.last_error = None;
+    });
+    tracing::info!(peer = %name, direction, "peer connected");
+    let result =
+        stream_both_ways(ctx.clone(), peer, name.clone(), their_hello, reader, writer).await;
+    ctx.release(peer);
+    ctx.peers.update(&name, |p| {
+        p.connected = false;
+        if let Err(e) = &result {
+            p.last_error = Some(e.to_string());
+        }
+    });
+    (Some(name), result)
+}
+
+async fn stream_both_ways<R, W>(
+    ctx: Arc<Context>,
+    peer: NodeId,
+    name: String,
+    hello: Hello,
+    mut reader: R,
+    mut writer: W,
+) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let sync = &ctx.config.file.sync;
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(sync.window_batches * 2 + 8);
+    // The writer owns the write half; everything we send goes through it in order.
+    let writer_task = tokio::spawn(async move {
+        while let Some(message) = out_rx.recv().await {
+            let last = matches!(message, Message::Goodbye { .. });
+            write_message(&mut writer, &message).await?;
+            if last {
+                break;
+            }
+        }
+        Ok::<(), WireError>(())
+    });
+    let window = Arc::new(Semaphore::new(sync.window_batches));
+    let sender = tokio::spawn(send_log(
+        ctx.clone(),
+        peer,
+        name.clone(),
+        hello.cursor,
+        window.clone(),
+        out_tx.clone(),
+    ));
+    ctx.peers.update(&name, |p| {
+        p.backlog_in = hello.log_head.0.saturating_sub(hello.cursor.0)
+    });
+    let silence = Duration::from_millis(sync.heartbeat_ms * 4);
+    let mut shutdown = ctx.shutdown.clone();
+    let result: Result<(), SessionError> = async {
+        loop {
+            let message = tokio::select! {
+                m = tokio::time::timeout(silence, read_message(&mut reader)) => match m {
+                    Err(_) => return Err(SessionError::Silent(silence)),
+                    Ok(m) => m?,
+                },
+                _ = crate::node::stopped(&mut shutdown) => return Err(SessionError::Shutdown),
+            };
+            match message {
+                Message::Batch(batch) => {
+                    let ack = apply(&ctx, peer, &name, batch).await?;
+                    if out_tx.send(Message::Ack { applied_through: ack }).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Message::SnapshotDone { resume_after } => {
+                    ctx.store
+                        .call(move |s| s.apply_batch(peer, &[], resume_after).map(|_| ()))
+                        .await?;
+                    tracing::info!(peer = %name, resume_after = resume_after.0, "bootstrap from snapshot complete");
+                    let _ = out_tx.send(Message::Ack { applied_through: resume_after }).await;
+                }
+                Message::Ack { applied_through } => {
+                    window.add_permits(1);
+                    let head = ctx.store
+                        .call(move |s| {
+                            s.record_ack(peer, applied_through)?;
+                            s.log_head()
+                        })
+                        .await?;
+                    ctx.peers.update(&name, |p| p.backlog_out = head.0.saturating_sub(applied_through.0));
+                }
+                Message::Heartbeat { log_head } => {
+                    let cursor = ctx.store.call(move |s| s.cursor(peer)).await?;
+                    ctx.peers.update(&name, |p| p.backlog_in = log_head.0.saturating_sub(cursor.0));
+                }
+                Message::Goodbye { reason } => return Err(SessionError::Goodbye(reason)),
+                Message::Hello(_) => {
+                    ctx.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(SessionError::Refused("a second hello".into()));
+                }
+            }
+        }
+    }
+    .await;
+    sender.abort();
+    let reason = match &result {
+        Err(SessionError::Shutdown) => Some("shutting down".to_owned()),
+        Err(SessionError::Goodbye(_))
+        | Err(SessionError::Wire(_))
+        | Err(SessionError::Silent(_)) => None,
+        Err(e) => Some(e.to_string()),
+        Ok(()) => None,
+    };
+    if let Some(reason) = reason {
+        let _ = out_tx.send(Message::Goodbye { reason }).await;
+    }
+    drop(out_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+    result
+}
+
+/// Applies one received batch; returns the position to acknowledge.
+async fn apply(
+    ctx: &Arc<Context>,
+    peer: NodeId,
+    name: &str,
+    batch: Batch,
+) -> Result<LogSeq, SessionError> {
+    let newest_ms = batch
+        .changes
+        .iter()
+        .map(|c| c.version.timestamp.physical_ms())
+        .max();
+    let count = batch.changes.len() as u64;
+    let kind = batch.kind;
+    let (report, cursor, head) = ctx
+        .store
+        .call(move |s| {
+            let cursor = match kind {
+                BatchKind::Log => batch.next,
+                // snapshot rows do not move the cursor; SnapshotDone does
+                BatchKind::Snapshot => s.cursor(peer)?,
+            };
+            let report = s.apply_batch(peer, &batch.changes, cursor)?;
+            Ok((report, cursor, s.log_head()?))
+        })
+        .await?;
+    ctx.head.send_if_modified(|h| {
+        let changed = *h != head;
+        *h = head;
+        changed
+    });
+    let now = SystemClock.now_ms();
+    ctx.changes_applied
+        .fetch_add(report.applied as u64, Ordering::Relaxed);
+    ctx.peers.update(name, |p| {
+        p.batches_received += 1;
+        p.changes_applied += report.applied as u64;
+        if let Some(ms) = newest_ms.filter(|_| count > 0) {
+            p.lag_ms_last = Some(now.saturating_sub(ms));
+        }
+    });
+    if report.dead_lettered > 0 || report.held > 0 {
+        tracing::warn!(peer = %name, dead_lettered = report.dead_lettered, held = report.held, "some changes were not applied");
+    }
+    Ok(cursor)
+}
+
+/// Streams our log to the peer from `cursor`, bootstrapping it from a snapshot first if the log
+/// no longer reaches back that far.
+async fn send_log(
+    ctx: Arc<Context>,
+    peer: NodeId,
+    name: String,
+    mut cursor: LogSeq,
+    window: Arc<Semaphore>,
+    out: mpsc::Sender<Message>,
+) -> Result<(), SessionError> {
+    let batch_max = ctx.config.file.sync.batch_changes_max;
+    let heartbeat = Duration::from_millis(ctx.config.file.sync.heartbeat_ms);
+    let mut head_rx = ctx.head.subscribe();
+    let state = ctx.store.call(move |s| s.peer_state(peer, cursor)).await?;
+    if let PeerLogState::NeedsBootstrap { resume_after } = state {
+        tracing::warn!(peer = %name, cursor = cursor.0, "peer is behind the log's retention; sending a snapshot");
+        for table in ctx.tables.iter().map(|(t, _)| t.clone()) {
+            let mut after = None;
+            loop {
+                window.acquire().await.expect("never closed").forget();
+                let t = table.clone();
+                let a = after.clone();
+                let chunk = ctx
+                    .store
+                    .call(move |s| s.snapshot_chunk(&t, a.as_ref(), batch_max))
+                    .await?;
+                let next = chunk.next.clone();
+                let batch = Batch {
+                    kind: BatchKind::Snapshot,
+                    next: cursor,
+                    head: chunk.log_head,
+                    trace_id: 0,
+                    changes: chunk.changes,
+                };
+                if out.send(Message::Batch(batch)).await.is_err() {
+                    return Ok(());
+                }
+                match next {
+                    Some(key) => after = Some(key),
+                    None => break,
+                }
+            }
+        }
+        if out
+            .send(Message::SnapshotDone { resume_after })
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        cursor = resume_after;
+    }
+    let mut trace_id: u64 =
+        u64::from_le_bytes(ctx.node_id.to_bytes()[..8].try_into().expect("8 bytes"));
+    loop {
+        window.acquire().await.expect("never closed").forget();
+        // Marked before reading, so a commit landing after the read still wakes us.
+        head_rx.mark_unchanged();
+        let page = ctx
+            .store
+            .call(move |s| s.read_log(cursor, batch_max))
+            .await?;
+        if page.entries.is_empty() {
+            window.add_permits(1);
+            tokio::select! {
+                _ = head_rx.changed() => {}
+                _ = tokio::time::sleep(heartbeat) => {
+                    if out.send(Message::Heartbeat { log_head: page.head }).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            continue;
+        }
+        // The peer's own changes need not travel back to it.
+        let changes = page
+            .entries
+            .into_iter()
+            .map(|e| e.change)
+            .filter(|c| c.origin() != peer)
+            .collect();
+        trace_id = trace_id.wrapping_add(1);
+        let batch = Batch {
+            kind: BatchKind::Log,
+            next: page.next,
+            head: page.head,
+            trace_id,
+            changes,
+        };
+        if out.send(Message::Batch(batch)).await.is_err() {
+            return Ok(());
+        }
+        cursor = page.next;
+        ctx.peers.update(&name, |p| p.batches_sent += 1);
+    }
+}

@@ -1,0 +1,358 @@
+//! The peer protocol: the messages two nodes exchange, their binary encoding, and the framing
+//! that carries them over a byte stream (TCP, usually inside TLS).
+//!
+//! A frame is `[u32 length][u8 tag][u8 flags][payload]`, all big-endian; `length` counts the
+//! bytes after itself. The length is checked against [`FRAME_BYTES_MAX`] *before* any buffer is
+//! allocated, and a compressed batch's declared size against [`BATCH_RAW_BYTES_MAX`] before it
+//! is decompressed, so a broken or hostile peer cannot make us allocate what it claims.
+//!
+//! The conversation (both sides run it at once, full duplex):
+//! 1. each side sends [`Hello`] (protocol version, node id and name, token, table fingerprints,
+//!    how far it has applied the other's log) and reads the other's;
+//! 2. each side streams its change log to the other as [`Batch`]es, at most a window of them
+//!    unacknowledged (flow control), and answers every batch it applied with an [`Ack`];
+//! 3. a side whose log no longer reaches back to the other's cursor sends snapshot batches and
+//!    then [`Message::SnapshotDone`];
+//! 4. either side may close with [`Message::Goodbye`] and a reason.
+
+use driftless_core::codec::{DecodeError, Decoder, Encoder};
+use driftless_core::{Change, NodeId, SchemaFingerprint, TableName};
+use driftless_store::LogSeq;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Version of this protocol. A peer speaking another version is refused with a clear reason.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame accepted, in bytes after the length prefix.
+pub const FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Largest uncompressed batch payload accepted.
+pub const BATCH_RAW_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most changes one batch may carry (the store's apply limit).
+pub const BATCH_CHANGES_MAX: usize = driftless_store::APPLY_BATCH_CHANGES_MAX;
+/// Most tables one hello may list.
+pub const HELLO_TABLES_MAX: usize = 4096;
+/// Longest token or text field accepted.
+pub const TEXT_BYTES_MAX: usize = 4096;
+
+const TAG_HELLO: u8 = 1;
+const TAG_BATCH: u8 = 2;
+const TAG_ACK: u8 = 3;
+const TAG_SNAPSHOT_DONE: u8 = 4;
+const TAG_HEARTBEAT: u8 = 5;
+const TAG_GOODBYE: u8 = 6;
+const FLAG_LZ4: u8 = 1;
+
+/// Payloads smaller than this are sent uncompressed (compression would not pay for itself).
+const COMPRESS_BYTES_MIN: usize = 512;
+
+/// The first message of each side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol: u16,
+    pub node: NodeId,
+    /// The node's configured name (its identity in configs, certificates and metrics).
+    pub name: String,
+    /// Bearer token, if the other side requires one.
+    pub token: Option<String>,
+    /// The synced tables and their schema fingerprints.
+    pub tables: Vec<(TableName, SchemaFingerprint)>,
+    /// How far the sender has applied the receiver's log: where the receiver should start.
+    pub cursor: LogSeq,
+    /// The sender's own log head.
+    pub log_head: LogSeq,
+}
+
+/// Whether a batch continues the log or is part of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchKind {
+    /// Log entries; after applying, the receiver's cursor is `next`.
+    Log,
+    /// Snapshot rows; the receiver's cursor does not move until `SnapshotDone`.
+    Snapshot,
+}
+
+/// Changes from the sender's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub kind: BatchKind,
+    /// Cursor after this batch (for `Log`): the sequence of its last entry, even if entries
+    /// were filtered out (e.g. changes that originated at the receiver).
+    pub next: LogSeq,
+    /// The sender's log head when the batch was read (for backlog figures).
+    pub head: LogSeq,
+    /// Correlates the batch's spans in both nodes' traces.
+    pub trace_id: u64,
+    pub changes: Vec<Change>,
+}
+
+/// A message of the peer protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Hello(Hello),
+    Batch(Batch),
+    /// The receiver has durably applied the sender's log up to this position.
+    Ack {
+        applied_through: LogSeq,
+    },
+    /// The snapshot is complete; stream the log after `resume_after`.
+    SnapshotDone {
+        resume_after: LogSeq,
+    },
+    /// Nothing to send; the sender's log head (keeps idle links alive and backlog current).
+    Heartbeat {
+        log_head: LogSeq,
+    },
+    /// The sender closes the link, and says why.
+    Goodbye {
+        reason: String,
+    },
+}
+
+/// Errors reading or writing messages.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("frame of {claimed} bytes refused: the limit is {max} bytes")]
+    FrameTooLarge { claimed: usize, max: usize },
+    #[error("batch of {claimed} uncompressed bytes refused: the limit is {max} bytes")]
+    BatchTooLarge { claimed: usize, max: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("unknown message tag {0}")]
+    UnknownTag(u8),
+}
+
+impl From<DecodeError> for WireError {
+    fn from(e: DecodeError) -> Self {
+        WireError::Malformed(e.to_string())
+    }
+}
+
+fn encode_payload(message: &Message) -> (u8, Vec<u8>) {
+    let mut e = Encoder::with_capacity(256);
+    let tag = match message {
+        Message::Hello(h) => {
+            e.u32(usize::from(h.protocol));
+            e.node(h.node);
+            e.bytes(h.name.as_bytes());
+            match &h.token {
+                None => e.u8(0),
+                Some(t) => {
+                    e.u8(1);
+                    e.bytes(t.as_bytes());
+                }
+            }
+            e.u32(h.tables.len());
+            for (table, fingerprint) in &h.tables {
+                e.bytes(table.as_str().as_bytes());
+                e.u64(fingerprint.0);
+            }
+            e.u64(h.cursor.0);
+            e.u64(h.log_head.0);
+            TAG_HELLO
+        }
+        Message::Batch(b) => {
+            e.u8(match b.kind {
+                BatchKind::Log => 1,
+                BatchKind::Snapshot => 2,
+            });
+            e.u64(b.next.0);
+            e.u64(b.head.0);
+            e.u64(b.trace_id);
+            e.u32(b.changes.len());
+            for change in &b.changes {
+                e.change(change);
+            }
+            TAG_BATCH
+        }
+        Message::Ack { applied_through } => {
+            e.u64(applied_through.0);
+            TAG_ACK
+        }
+        Message::SnapshotDone { resume_after } => {
+            e.u64(resume_after.0);
+            TAG_SNAPSHOT_DONE
+        }
+        Message::Heartbeat { log_head } => {
+            e.u64(log_head.0);
+            TAG_HEARTBEAT
+        }
+        Message::Goodbye { reason } => {
+            let reason: String = reason.chars().take(TEXT_BYTES_MAX / 4).collect();
+            e.bytes(reason.as_bytes());
+            TAG_GOODBYE
+        }
+    };
+    (tag, e.finish())
+}
+
+fn decode_payload(tag: u8, payload: &[u8]) -> Result<Message, WireError> {
+    let mut d = Decoder::new(payload);
+    let message = match tag {
+        TAG_HELLO => {
+            let protocol = d.u32()?;
+            let protocol = u16::try_from(protocol)
+                .map_err(|_| WireError::Malformed(format!("protocol version {protocol}")))?;
+            let node = d.node()?;
+            let name = d.text(TEXT_BYTES_MAX)?.to_owned();
+            let token = match d.u8()? {
+                0 => None,
+                1 => Some(d.text(TEXT_BYTES_MAX)?.to_owned()),
+                other => return Err(WireError::Malformed(format!("token tag {other}"))),
+            };
+            let n = d.count(HELLO_TABLES_MAX, 13)?;
+            let mut tables = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = d.text(driftless_core::ids::NAME_BYTES_MAX)?;
+                let table =
+                    TableName::new(name).map_err(|e| WireError::Malformed(e.to_string()))?;
+                tables.push((table, SchemaFingerprint(d.u64()?)));
+            }
+            Message::Hello(Hello {
+                protocol,
+                node,
+                name,
+                token,
+                tables,
+                cursor: LogSeq(d.u64()?),
+                log_head: LogSeq(d.u64()?),
+            })
+        }
+        TAG_BATCH => {
+            let kind = match d.u8()? {
+                1 => BatchKind::Log,
+                2 => BatchKind::Snapshot,
+                other => return Err(WireError::Malformed(format!("batch kind {other}"))),
+            };
+            let next = LogSeq(d.u64()?);
+            let head = LogSeq(d.u64()?);
+            let trace_id = d.u64()?;
+            // the smallest encoded change is well over 40 bytes
+            let n = d.count(BATCH_CHANGES_MAX, 40)?;
+            let mut changes = Vec::with_capacity(n);
+            for _ in 0..n {
+                changes.push(d.change()?);
+            }
+            Message::Batch(Batch {
+                kind,
+                next,
+                head,
+                trace_id,
+                changes,
+            })
+        }
+        TAG_ACK => Message::Ack {
+            applied_through: LogSeq(d.u64()?),
+        },
+        TAG_SNAPSHOT_DONE => Message::SnapshotDone {
+            resume_after: LogSeq(d.u64()?),
+        },
+        TAG_HEARTBEAT => Message::Heartbeat {
+            log_head: LogSeq(d.u64()?),
+        },
+        TAG_GOODBYE => Message::Goodbye {
+            reason: d.text(TEXT_BYTES_MAX)?.to_owned(),
+        },
+        other => return Err(WireError::UnknownTag(other)),
+    };
+    d.finish()?;
+    Ok(message)
+}
+
+/// Encodes a message as one frame (length prefix included). Batches are compressed with LZ4
+/// when that makes them smaller.
+pub fn encode_frame(message: &Message) -> Result<Vec<u8>, WireError> {
+    let (tag, payload) = encode_payload(message);
+    let (flags, body) = if tag == TAG_BATCH && payload.len() >= COMPRESS_BYTES_MIN {
+        if payload.len() > BATCH_RAW_BYTES_MAX {
+            return Err(WireError::BatchTooLarge {
+                claimed: payload.len(),
+                max: BATCH_RAW_BYTES_MAX,
+            });
+        }
+        let compressed = lz4_flex::compress_prepend_size(&payload);
+        if compressed.len() < payload.len() {
+            (FLAG_LZ4, compressed)
+        } else {
+            (0, payload)
+        }
+    } else {
+        (0, payload)
+    };
+    let length = body.len() + 2;
+    if length > FRAME_BYTES_MAX {
+        return Err(WireError::FrameTooLarge {
+            claimed: length,
+            max: FRAME_BYTES_MAX,
+        });
+    }
+    let mut frame = Vec::with_capacity(4 + length);
+    frame.extend_from_slice(&(length as u32).to_be_bytes());
+    frame.push(tag);
+    frame.push(flags);
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Decodes the bytes of one frame after its length prefix.
+pub fn decode_frame_body(body: &[u8]) -> Result<Message, WireError> {
+    let [tag, flags, payload @ ..] = body else {
+        return Err(WireError::Malformed("frame shorter than its header".into()));
+    };
+    match *flags {
+        0 => decode_payload(*tag, payload),
+        FLAG_LZ4 => {
+            let declared: [u8; 4] = payload
+                .get(..4)
+                .ok_or_else(|| WireError::Malformed("compressed frame without size".into()))?
+                .try_into()
+                .expect("4 bytes");
+            let declared = u32::from_le_bytes(declared) as usize;
+            if declared > BATCH_RAW_BYTES_MAX {
+                return Err(WireError::BatchTooLarge {
+                    claimed: declared,
+                    max: BATCH_RAW_BYTES_MAX,
+                });
+            }
+            let raw = lz4_flex::decompress_size_prepended(payload)
+                .map_err(|e| WireError::Malformed(format!("bad compressed batch: {e}")))?;
+            decode_payload(*tag, &raw)
+        }
+        other => Err(WireError::Malformed(format!(
+            "unknown frame flags {other:#x}"
+        ))),
+    }
+}
+
+/// Reads one message. The claimed length is checked before anything is allocated.
+pub async fn read_message<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Message, WireError> {
+    let mut prefix = [0u8; 4];
+    match reader.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let length = u32::from_be_bytes(prefix) as usize;
+    if length > FRAME_BYTES_MAX {
+        return Err(WireError::FrameTooLarge {
+            claimed: length,
+            max: FRAME_BYTES_MAX,
+        });
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).await?;
+    decode_frame_body(&body)
+}
+
+/// Writes one message and flushes it.
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: &Message,
+) -> Result<(), WireError> {
+    let frame = encode_frame(message)?;
+    writer.write_all(&frame).await?;
+    writer.flush().await?;
+    Ok(())
+}

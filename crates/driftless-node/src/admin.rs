@@ -9,6 +9,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use driftless_store::Store;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 
 pub async fn serve(ctx: Arc<Context>, listener: TcpListener) {
@@ -65,6 +66,10 @@ pub async fn node_status(ctx: &Context) -> Result<NodeStatus, driftless_store::S
         log_head: head.0,
         pending_local_writes: pending,
         held_changes: held,
+        auth_failures: ctx.auth_failures.load(Ordering::Relaxed),
+        protocol_errors: ctx.protocol_errors.load(Ordering::Relaxed),
+        changes_captured: ctx.changes_captured.load(Ordering::Relaxed),
+        changes_applied: ctx.changes_applied.load(Ordering::Relaxed),
         peers: ctx.peers.snapshot(),
         tables: tables
             .into_iter()

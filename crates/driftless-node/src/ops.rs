@@ -58,6 +58,10 @@ pub fn offline_status(config: &ResolvedConfig) -> Result<NodeStatus, NodeError> 
         log_head: store.log_head()?.0,
         pending_local_writes: store.pending_local_writes()?,
         held_changes: 0,
+        auth_failures: 0,
+        protocol_errors: 0,
+        changes_captured: 0,
+        changes_applied: 0,
         peers: Vec::new(),
         tables: store
             .table_stats()?

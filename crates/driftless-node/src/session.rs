@@ -445,6 +445,7 @@ async fn send_log(
     let state = ctx.store.call(move |s| s.peer_state(peer, cursor)).await?;
     if let PeerLogState::NeedsBootstrap { resume_after } = state {
         tracing::warn!(peer = %name, cursor = cursor.0, "peer is behind the log's retention; sending a snapshot");
+        ctx.peers.update(&name, |p| p.snapshots_sent += 1);
         for table in ctx.tables.iter().map(|(t, _)| t.clone()) {
             let mut after = None;
             loop {

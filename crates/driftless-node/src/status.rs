@@ -24,6 +24,8 @@ pub struct PeerStatus {
     pub batches_received: u64,
     pub batches_sent: u64,
     pub reconnects: u64,
+    /// Times this node re-bootstrapped the peer from a snapshot.
+    pub snapshots_sent: u64,
 }
 
 /// One synced table.
@@ -44,6 +46,12 @@ pub struct NodeStatus {
     pub log_head: u64,
     pub pending_local_writes: u64,
     pub held_changes: u64,
+    /// Links refused for a bad certificate, token or identity since the node started.
+    pub auth_failures: u64,
+    /// Links closed for a malformed, oversized or unexpected message since the node started.
+    pub protocol_errors: u64,
+    pub changes_captured: u64,
+    pub changes_applied: u64,
     pub peers: Vec<PeerStatus>,
     pub tables: Vec<TableStatus>,
 }

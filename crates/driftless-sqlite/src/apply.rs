@@ -102,12 +102,13 @@ impl<C: Clock> SqliteStore<C> {
                 ClockError::Exhausted => Refusal::Dead(e.to_string()),
             }));
         }
-        let Some(schema) = self.schema(&change.table).cloned() else {
+        let Some(synced) = self.synced(&change.table) else {
             return Ok(Err(Refusal::Dead(format!(
                 "unknown table {}: it is not synced on this replica",
                 change.table
             ))));
         };
+        let schema = &synced.schema;
         for cell in change.cells() {
             match schema.column(&cell.column) {
                 None => {
@@ -146,7 +147,7 @@ impl<C: Clock> SqliteStore<C> {
                     .map_err(db)?;
                 let written = write_user_row(
                     &self.conn,
-                    &schema,
+                    &synced,
                     &change.key,
                     state.visible().as_ref(),
                     recreate,
@@ -169,7 +170,7 @@ impl<C: Clock> SqliteStore<C> {
             }
         }
         report.conflicts += self.record_conflicts(&outcome.conflicts)?;
-        if outcome.effect == Effect::Applied {
+        if outcome.effect == Effect::Applied && self.dead_letters_present {
             self.retry_row_dead_letters(change, report)?;
         }
         Ok(Ok(()))

@@ -12,22 +12,24 @@ use crate::meta::KEY_COLUMNS_MAX;
 use crate::rowio::{
     append_log, key_part_from_sql, load_state, read_user_row, save_state, write_user_row,
 };
-use crate::schema::db;
+use crate::schema::{OP_DELETE, Synced, db};
 use crate::store::SqliteStore;
 use driftless_core::{Change, Clock, ColumnName, PrimaryKey, RowState, Value, Version};
-use driftless_store::{CaptureReport, StoreError, TableSchema};
+use driftless_store::{CaptureReport, StoreError};
 use rusqlite::params;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 struct Pending {
     seq: i64,
-    table: String,
-    op: String,
+    table: Option<Arc<Synced>>,
+    op: i64,
     key: Result<PrimaryKey, String>,
 }
 
 impl<C: Clock> SqliteStore<C> {
-    /// Stamps up to `limit` pending local writes inside the current transaction.
+    /// Stamps up to `limit` pending local writes inside the current transaction (those recorded
+    /// before it began). Returns how many records it consumed.
     pub(crate) fn capture_in_tx(
         &mut self,
         limit: usize,
@@ -38,21 +40,19 @@ impl<C: Clock> SqliteStore<C> {
             return Ok(0);
         };
         for entry in &pending {
-            let Some(schema) = self.schemas.iter().find(|s| s.name.as_str() == entry.table) else {
+            let Some(table) = &entry.table else {
                 continue; // the table is no longer synced
             };
-            let schema = schema.clone();
             match &entry.key {
-                Ok(key) => self.stamp(&schema, &entry.op, key, report)?,
+                Ok(key) => self.stamp(table, entry.op, key, report)?,
                 Err(reason) => {
-                    self.dead_letter_local(&entry.table, reason)?;
+                    self.dead_letter_local(table.schema.name.as_str(), reason)?;
                     report.refused += 1;
                 }
             }
         }
-        self.conn
-            .execute("DELETE FROM _driftless_pending WHERE seq <= ?1", [last])
-            .map_err(db)?;
+        // The records are deleted when the transaction ends (see `write_tx`).
+        self.pending_done = last;
         Ok(pending.len())
     }
 
@@ -70,52 +70,58 @@ impl<C: Clock> SqliteStore<C> {
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
-                "SELECT seq, tbl, op{keys} FROM _driftless_pending ORDER BY seq LIMIT ?1"
+                "SELECT seq, tbl, op{keys} FROM _driftless_pending
+                 WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3"
             ))
             .map_err(db)?;
         let rows = stmt
-            .query_map([limit as i64], |r| {
-                let table: String = r.get(1)?;
-                let key_len = self
-                    .schemas
-                    .iter()
-                    .find(|s| s.name.as_str() == table)
-                    .map_or(0, |s| s.key_columns().len());
-                let mut parts = Vec::with_capacity(key_len);
-                let mut error = None;
-                for i in 0..key_len {
-                    match key_part_from_sql(r.get_ref(3 + i)?) {
-                        Ok(part) => parts.push(part),
-                        Err(e) => error = Some(e),
+            .query_map(
+                rusqlite::params![self.pending_done, self.pending_mark, limit as i64],
+                |r| {
+                    let id: i64 = r.get(1)?;
+                    let table = self.synced.iter().find(|s| s.id == id).cloned();
+                    let key_len = table.as_ref().map_or(0, |s| s.schema.key_columns().len());
+                    let mut parts = Vec::with_capacity(key_len);
+                    let mut error = None;
+                    for i in 0..key_len {
+                        match key_part_from_sql(r.get_ref(3 + i)?) {
+                            Ok(part) => parts.push(part),
+                            Err(e) => error = Some(e),
+                        }
                     }
-                }
-                let key = match error {
-                    Some(e) => Err(format!("local write to {table} not captured: {e}")),
-                    None if key_len == 0 => Err(String::new()),
-                    None => PrimaryKey::from_parts(&parts)
-                        .map_err(|e| format!("local write to {table} not captured: {e}")),
-                };
-                Ok(Pending {
-                    seq: r.get(0)?,
-                    table,
-                    op: r.get(2)?,
-                    key,
-                })
-            })
+                    let name = table
+                        .as_ref()
+                        .map_or("?", |s| s.schema.name.as_str())
+                        .to_owned();
+                    let key = match error {
+                        Some(e) => Err(format!("local write to {name} not captured: {e}")),
+                        None if key_len == 0 => Err(String::new()),
+                        None => PrimaryKey::from_parts(&parts)
+                            .map_err(|e| format!("local write to {name} not captured: {e}")),
+                    };
+                    Ok(Pending {
+                        seq: r.get(0)?,
+                        table,
+                        op: r.get(2)?,
+                        key,
+                    })
+                },
+            )
             .map_err(db)?;
         rows.collect::<Result<_, _>>().map_err(db)
     }
 
     fn stamp(
         &mut self,
-        schema: &TableSchema,
-        op: &str,
+        synced: &Synced,
+        op: i64,
         key: &PrimaryKey,
         report: &mut CaptureReport,
     ) -> Result<(), StoreError> {
+        let schema = &synced.schema;
         let table = &schema.name;
         let mut state = load_state(&self.conn, table.as_str(), key)?;
-        let current = match read_user_row(&self.conn, schema, key) {
+        let current = match read_user_row(&self.conn, synced, key) {
             Ok(current) => current,
             // A value driftless cannot represent (e.g. text that is not UTF-8): refuse this one
             // write, visibly, without blocking the writes queued behind it.
@@ -130,12 +136,12 @@ impl<C: Clock> SqliteStore<C> {
             Err(e) => return Err(e),
         };
         let change = match (op, &current) {
-            ("D", _) if state.is_live() => Some(self.make(|v| {
+            (OP_DELETE, _) if state.is_live() => Some(self.make(|v| {
                 state
                     .local_delete(table, key, v, schema.fingerprint)
                     .map_err(|e| e.to_string())
             })?),
-            ("D", _) => None,
+            (OP_DELETE, _) => None,
             // The row is gone again; the delete's own record follows in the queue.
             (_, None) => None,
             (_, Some(row)) if !state.is_live() => Some(self.make(|v| {
@@ -187,7 +193,7 @@ impl<C: Clock> SqliteStore<C> {
         // A local write can lose at once (priority, max, min columns): set the row back to the
         // winning values so the table shows what every replica will converge to.
         if !change.is_delete() && !matches_row(&state, current.as_ref()) {
-            write_user_row(&self.conn, schema, key, state.visible().as_ref(), false).map_err(
+            write_user_row(&self.conn, synced, key, state.visible().as_ref(), false).map_err(
                 |reason| StoreError::Schema {
                     table: table.to_string(),
                     reason: format!("cannot restore the winning value of {key}: {reason}"),

@@ -2,9 +2,9 @@
 //! exactly-once apply of remote changes, dead letters, conflicts, compaction and snapshots, all
 //! inside the user's own SQLite file.
 //!
-//! Architecture invariant: every public operation is one SQLite transaction; driftless's own
-//! writes to user tables happen only inside transactions that set `_driftless_state.applying`,
-//! so the capture triggers never record them (no echo).
+//! Architecture invariant: every public operation is one SQLite transaction; the capture
+//! records of driftless's own writes are deleted before that transaction commits, so applied
+//! changes are never captured again (no echo).
 
 mod admin;
 mod apply;

@@ -220,10 +220,10 @@ impl<C: Clock> SqliteStore<C> {
         after: Option<&PrimaryKey>,
         limit: usize,
     ) -> Result<SnapshotChunk, StoreError> {
-        let schema = self
-            .schema(table)
+        let synced = self
+            .synced(table)
             .ok_or_else(|| StoreError::UnknownTable(table.to_string()))?;
-        let fingerprint = schema.fingerprint;
+        let fingerprint = synced.schema.fingerprint;
         let limit = limit.clamp(1, SNAPSHOT_CHUNK_ROWS_MAX);
         let log_head = self.log_head_impl()?;
         let mut stmt = self

@@ -21,20 +21,19 @@ pub fn install(conn: &Connection) -> rusqlite::Result<()> {
             value ANY
         ) WITHOUT ROWID;
 
-        -- One row. `applying` is 1 only inside driftless's own write transactions (set after
-        -- BEGIN, cleared before COMMIT), so no other connection ever sees it at 1: the capture
-        -- triggers skip driftless's own writes and record everyone else's.
-        CREATE TABLE IF NOT EXISTS _driftless_state (
-            id INTEGER PRIMARY KEY CHECK (id = 0),
-            applying INTEGER NOT NULL
+        -- Synced tables get a small integer id, so a captured write records 8 bytes, not a name.
+        CREATE TABLE IF NOT EXISTS _driftless_tables (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE
         );
-        INSERT OR IGNORE INTO _driftless_state (id, applying) VALUES (0, 0);
 
-        -- Local writes recorded by the triggers (table, operation, key values), not yet stamped.
+        -- Writes recorded by the triggers (table id, operation 1 insert / 2 update / 3 delete,
+        -- key values), not yet stamped. The triggers record every writer, driftless included;
+        -- driftless deletes the records of its own writes before its transaction commits.
         CREATE TABLE IF NOT EXISTS _driftless_pending (
             seq INTEGER PRIMARY KEY,
-            tbl TEXT NOT NULL,
-            op TEXT NOT NULL
+            tbl INTEGER NOT NULL,
+            op INTEGER NOT NULL
             {key_columns}
         );
 

@@ -1,10 +1,10 @@
 //! Reading and writing rows: user rows by primary key, row merge states, log entries, and the
 //! conversions between SQLite values and driftless values.
 
-use crate::schema::{db, quote_ident};
+use crate::schema::{Synced, db, upsert_sql};
 use driftless_core::codec::{decode_row_state, encode_change, encode_row_state};
 use driftless_core::{Change, ColumnName, KeyPart, PrimaryKey, RowState, Value};
-use driftless_store::{LogSeq, StoreError, TableSchema};
+use driftless_store::{LogSeq, StoreError};
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 use std::collections::BTreeMap;
@@ -59,44 +59,20 @@ fn key_part_to_sql(part: &KeyPart) -> SqlValue {
     }
 }
 
-fn key_where(schema: &TableSchema) -> String {
-    schema
-        .key_columns()
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("{} = ?{}", quote_ident(c.name.as_str()), i + 1))
-        .collect::<Vec<_>>()
-        .join(" AND ")
-}
-
 /// The non-key columns of a user row, or `None` if the row does not exist.
 pub fn read_user_row(
     conn: &Connection,
-    schema: &TableSchema,
+    table: &Synced,
     key: &PrimaryKey,
 ) -> Result<Option<Vec<(ColumnName, Value)>>, StoreError> {
-    let columns: Vec<&ColumnName> = schema.value_columns().map(|c| &c.name).collect();
-    let select = if columns.is_empty() {
-        "1".to_owned()
-    } else {
-        columns
-            .iter()
-            .map(|c| quote_ident(c.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let sql = format!(
-        "SELECT {select} FROM {} WHERE {}",
-        quote_ident(schema.name.as_str()),
-        key_where(schema)
-    );
-    let mut stmt = conn.prepare_cached(&sql).map_err(db)?;
+    let schema = &table.schema;
+    let mut stmt = conn.prepare_cached(&table.select_row).map_err(db)?;
     let parts: Vec<SqlValue> = key.parts().iter().map(key_part_to_sql).collect();
     let row = stmt
         .query_row(params_from_iter(parts), |r| {
-            let mut values = Vec::with_capacity(columns.len());
-            for (i, c) in columns.iter().enumerate() {
-                values.push(((*c).clone(), from_sql(r.get_ref(i)?)));
+            let mut values = Vec::with_capacity(schema.columns.len());
+            for (i, c) in schema.value_columns().enumerate() {
+                values.push((c.name.clone(), from_sql(r.get_ref(i)?)));
             }
             Ok(values)
         })
@@ -120,53 +96,38 @@ pub fn read_user_row(
 /// violations) for the dead-letter table.
 pub fn write_user_row(
     conn: &Connection,
-    schema: &TableSchema,
+    table: &Synced,
     key: &PrimaryKey,
     visible: Option<&BTreeMap<ColumnName, Value>>,
     recreate: bool,
 ) -> Result<(), String> {
-    let table = quote_ident(schema.name.as_str());
-    let parts: Vec<SqlValue> = key.parts().iter().map(key_part_to_sql).collect();
+    let schema = &table.schema;
+    let mut values: Vec<SqlValue> = key.parts().iter().map(key_part_to_sql).collect();
     if visible.is_none() || recreate {
-        let sql = format!("DELETE FROM {table} WHERE {}", key_where(schema));
-        let mut stmt = conn.prepare_cached(&sql).map_err(|e| e.to_string())?;
-        stmt.execute(params_from_iter(parts.iter()))
+        let mut stmt = conn
+            .prepare_cached(&table.delete_row)
+            .map_err(|e| e.to_string())?;
+        stmt.execute(params_from_iter(values.iter()))
             .map_err(|e| e.to_string())?;
     }
     let Some(visible) = visible else {
         return Ok(());
     };
-    let keys = schema.key_columns();
-    let mut names: Vec<String> = keys.iter().map(|c| quote_ident(c.name.as_str())).collect();
-    let mut values = parts;
-    let mut updates = Vec::new();
+    let mut present = Vec::new();
     for column in schema.value_columns() {
         if let Some(value) = visible.get(&column.name) {
-            let q = quote_ident(column.name.as_str());
-            updates.push(format!("{q} = excluded.{q}"));
-            names.push(q);
+            present.push(column.name.as_str());
             values.push(to_sql(value)?);
         }
     }
-    let placeholders = (1..=names.len())
-        .map(|i| format!("?{i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let conflict_target = keys
-        .iter()
-        .map(|c| quote_ident(c.name.as_str()))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let action = if updates.is_empty() {
-        "NOTHING".to_owned()
+    let partial;
+    let sql = if present.len() == schema.value_columns().count() {
+        &table.upsert_all
     } else {
-        format!("UPDATE SET {}", updates.join(", "))
+        partial = upsert_sql(schema, &present);
+        &partial
     };
-    let sql = format!(
-        "INSERT INTO {table} ({}) VALUES ({placeholders}) ON CONFLICT ({conflict_target}) DO {action}",
-        names.join(", ")
-    );
-    let mut stmt = conn.prepare_cached(&sql).map_err(|e| e.to_string())?;
+    let mut stmt = conn.prepare_cached(sql).map_err(|e| e.to_string())?;
     stmt.execute(params_from_iter(values))
         .map_err(|e| e.to_string())?;
     Ok(())

@@ -129,16 +129,19 @@ pub fn introspect(conn: &Connection, config: &TableConfig) -> Result<TableSchema
     })
 }
 
-fn trigger_name(op: &str, table: &str) -> String {
-    quote_ident(&format!("_driftless_{op}_{table}"))
-}
+/// Operation codes recorded by the triggers.
+pub const OP_INSERT: i64 = 1;
+pub const OP_UPDATE: i64 = 2;
+pub const OP_DELETE: i64 = 3;
 
-/// SQL that (re)creates the three capture triggers of a table. Each records only the operation
-/// and the primary key; values are read from the table when the write is stamped.
-pub fn trigger_sql(schema: &TableSchema) -> String {
+/// The three capture triggers of a table as `(name, CREATE TRIGGER statement)`. Each records
+/// only the table id, the operation and the primary key; values are read from the table when the
+/// write is stamped. No `WHEN` clause: a condition evaluated on every user write measurably slows
+/// bulk inserts, so driftless instead removes the records of its own writes inside its own
+/// transactions (see `SqliteStore::write_tx`).
+pub fn trigger_sql(schema: &TableSchema, id: i64) -> [(String, String); 3] {
     let table = schema.name.as_str();
     let qtable = quote_ident(table);
-    let lit = quote_literal(table);
     let keys = schema.key_columns();
     let target: String = (0..keys.len()).map(|i| format!(", k{i}")).collect();
     let of = |prefix: &str| -> String {
@@ -146,6 +149,7 @@ pub fn trigger_sql(schema: &TableSchema) -> String {
             .map(|c| format!(", {prefix}.{}", quote_ident(c.name.as_str())))
             .collect()
     };
+    let (new, old) = (of("NEW"), of("OLD"));
     let key_changed = keys
         .iter()
         .map(|c| {
@@ -154,36 +158,139 @@ pub fn trigger_sql(schema: &TableSchema) -> String {
         })
         .collect::<Vec<_>>()
         .join(" OR ");
-    let when = "WHEN (SELECT applying FROM _driftless_state) = 0";
-    let (ins, upd, del) = (
-        trigger_name("ins", table),
-        trigger_name("upd", table),
-        trigger_name("del", table),
-    );
+    let name = |op: &str| format!("_driftless_{op}_{table}");
+    [
+        (
+            name("ins"),
+            format!(
+                "CREATE TRIGGER {} AFTER INSERT ON {qtable} BEGIN \
+                 INSERT INTO _driftless_pending (tbl, op{target}) VALUES ({id}, {OP_INSERT}{new}); END",
+                quote_ident(&name("ins"))
+            ),
+        ),
+        (
+            name("upd"),
+            format!(
+                "CREATE TRIGGER {} AFTER UPDATE ON {qtable} BEGIN \
+                 INSERT INTO _driftless_pending (tbl, op{target}) \
+                 SELECT {id}, {OP_DELETE}{old} WHERE {key_changed}; \
+                 INSERT INTO _driftless_pending (tbl, op{target}) VALUES ({id}, {OP_UPDATE}{new}); END",
+                quote_ident(&name("upd"))
+            ),
+        ),
+        (
+            name("del"),
+            format!(
+                "CREATE TRIGGER {} AFTER DELETE ON {qtable} BEGIN \
+                 INSERT INTO _driftless_pending (tbl, op{target}) VALUES ({id}, {OP_DELETE}{old}); END",
+                quote_ident(&name("del"))
+            ),
+        ),
+    ]
+}
+
+/// Installs the capture triggers unless exactly these are already installed. Leaving identical
+/// triggers alone keeps the schema version still, so other connections (a running node, the
+/// user's app) do not have to re-read the schema every time a tool opens the database.
+pub fn install_triggers(
+    conn: &Connection,
+    schema: &TableSchema,
+    id: i64,
+) -> Result<(), StoreError> {
+    for (name, sql) in trigger_sql(schema, id) {
+        let existing: Option<String> = conn
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE type = 'trigger' AND name = ?1",
+                [&name],
+                |r| r.get(0),
+            )
+            .ok();
+        if existing.as_deref() != Some(sql.as_str()) {
+            conn.execute_batch(&format!(
+                "DROP TRIGGER IF EXISTS {}; {sql};",
+                quote_ident(&name)
+            ))
+            .map_err(db)?;
+        }
+    }
+    Ok(())
+}
+
+/// A synced table with its id and the SQL text driftless runs against it, built once per
+/// schema (not per row).
+#[derive(Debug)]
+pub struct Synced {
+    pub id: i64,
+    pub schema: TableSchema,
+    /// `SELECT <value columns> FROM t WHERE <key> = ?..`
+    pub select_row: String,
+    /// `DELETE FROM t WHERE <key> = ?..`
+    pub delete_row: String,
+    /// Upsert of every column (the common case); partial rows build their statement on demand.
+    pub upsert_all: String,
+}
+
+impl Synced {
+    pub fn new(id: i64, schema: TableSchema) -> Self {
+        let table = quote_ident(schema.name.as_str());
+        let keys = schema.key_columns();
+        let key_where = keys
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{} = ?{}", quote_ident(c.name.as_str()), i + 1))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let values: Vec<String> = schema
+            .value_columns()
+            .map(|c| quote_ident(c.name.as_str()))
+            .collect();
+        let select = if values.is_empty() {
+            "1".to_owned()
+        } else {
+            values.join(", ")
+        };
+        let all: Vec<&str> = schema.value_columns().map(|c| c.name.as_str()).collect();
+        let upsert_all = upsert_sql(&schema, &all);
+        Synced {
+            id,
+            select_row: format!("SELECT {select} FROM {table} WHERE {key_where}"),
+            delete_row: format!("DELETE FROM {table} WHERE {key_where}"),
+            upsert_all,
+            schema,
+        }
+    }
+}
+
+/// `INSERT INTO t (<key>, <columns>) VALUES (?..) ON CONFLICT (<key>) DO UPDATE SET ...`
+pub fn upsert_sql(schema: &TableSchema, columns: &[&str]) -> String {
+    let keys = schema.key_columns();
+    let key_names: Vec<String> = keys.iter().map(|c| quote_ident(c.name.as_str())).collect();
+    let mut names = key_names.clone();
+    let mut updates = Vec::new();
+    for column in columns {
+        let q = quote_ident(column);
+        updates.push(format!("{q} = excluded.{q}"));
+        names.push(q);
+    }
+    let placeholders = (1..=names.len())
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let action = if updates.is_empty() {
+        "NOTHING".to_owned()
+    } else {
+        format!("UPDATE SET {}", updates.join(", "))
+    };
     format!(
-        r#"
-        DROP TRIGGER IF EXISTS {ins};
-        DROP TRIGGER IF EXISTS {upd};
-        DROP TRIGGER IF EXISTS {del};
-        CREATE TRIGGER {ins} AFTER INSERT ON {qtable} {when} BEGIN
-            INSERT INTO _driftless_pending (tbl, op{target}) VALUES ({lit}, 'I'{new});
-        END;
-        CREATE TRIGGER {upd} AFTER UPDATE ON {qtable} {when} BEGIN
-            INSERT INTO _driftless_pending (tbl, op{target})
-                SELECT {lit}, 'D'{old} WHERE {key_changed};
-            INSERT INTO _driftless_pending (tbl, op{target}) VALUES ({lit}, 'U'{new});
-        END;
-        CREATE TRIGGER {del} AFTER DELETE ON {qtable} {when} BEGIN
-            INSERT INTO _driftless_pending (tbl, op{target}) VALUES ({lit}, 'D'{old});
-        END;
-        "#,
-        new = of("NEW"),
-        old = of("OLD"),
+        "INSERT INTO {} ({}) VALUES ({placeholders}) ON CONFLICT ({}) DO {action}",
+        quote_ident(schema.name.as_str()),
+        names.join(", "),
+        key_names.join(", ")
     )
 }
 
 /// SQL that queues every existing row of a table as a local insert (bootstrap at install).
-pub fn bootstrap_sql(schema: &TableSchema) -> String {
+pub fn bootstrap_sql(schema: &TableSchema, id: i64) -> String {
     let keys = schema.key_columns();
     let target: String = (0..keys.len()).map(|i| format!(", k{i}")).collect();
     let source: String = keys
@@ -191,8 +298,7 @@ pub fn bootstrap_sql(schema: &TableSchema) -> String {
         .map(|c| format!(", {}", quote_ident(c.name.as_str())))
         .collect();
     format!(
-        "INSERT INTO _driftless_pending (tbl, op{target}) SELECT {}, 'I'{source} FROM {}",
-        quote_literal(schema.name.as_str()),
+        "INSERT INTO _driftless_pending (tbl, op{target}) SELECT {id}, {OP_INSERT}{source} FROM {}",
         quote_ident(schema.name.as_str())
     )
 }

@@ -2,11 +2,12 @@
 //! every operation goes through.
 
 use crate::meta;
-use crate::schema::{bootstrap_sql, db, introspect, trigger_sql};
+use crate::schema::{Synced, bootstrap_sql, db, install_triggers, introspect};
 use driftless_core::{Clock, Hlc, NodeId, TableName, Timestamp};
 use driftless_store::{StoreError, SystemClock, TableConfig, TableSchema, random_node_id};
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Settings of a SQLite replica.
@@ -58,6 +59,16 @@ pub struct SqliteStore<C: Clock = SystemClock> {
     pub(crate) hlc: Hlc<C>,
     pub(crate) configs: Vec<TableConfig>,
     pub(crate) schemas: Vec<TableSchema>,
+    /// The same tables with their ids and prepared SQL text, shared cheaply by operations.
+    pub(crate) synced: Vec<Arc<Synced>>,
+    /// Inside a write transaction: the highest capture record that existed when it began
+    /// (records above it are driftless's own writes) ...
+    pub(crate) pending_mark: i64,
+    /// ... and the highest record stamped so far.
+    pub(crate) pending_done: i64,
+    /// Whether retryable dead letters may exist (checked once per transaction, so applying a
+    /// change does not look the dead-letter table up when it is empty, the usual case).
+    pub(crate) dead_letters_present: bool,
     /// `PRAGMA schema_version` when the schemas were last read; a change means DDL happened.
     pub(crate) schema_version: i64,
     pub(crate) path: PathBuf,
@@ -109,6 +120,10 @@ impl<C: Clock> SqliteStore<C> {
             hlc: Hlc::new(clock, options.max_clock_offset),
             configs: options.tables,
             schemas: Vec::new(),
+            synced: Vec::new(),
+            pending_mark: 0,
+            pending_done: 0,
+            dead_letters_present: true,
             schema_version: -1,
             path: path.clone(),
         };
@@ -157,9 +172,24 @@ impl<C: Clock> SqliteStore<C> {
     /// tables seen for the first time get their existing rows queued as local inserts.
     pub(crate) fn refresh_schemas_in_tx(&mut self, bootstrap: bool) -> Result<(), StoreError> {
         let mut schemas = Vec::with_capacity(self.configs.len());
+        let mut synced = Vec::with_capacity(self.configs.len());
         for config in &self.configs {
             let schema = introspect(&self.conn, config)?;
-            self.conn.execute_batch(&trigger_sql(&schema)).map_err(db)?;
+            self.conn
+                .execute(
+                    "INSERT OR IGNORE INTO _driftless_tables (name) VALUES (?1)",
+                    [schema.name.as_str()],
+                )
+                .map_err(db)?;
+            let id: i64 = self
+                .conn
+                .query_row(
+                    "SELECT id FROM _driftless_tables WHERE name = ?1",
+                    [schema.name.as_str()],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            install_triggers(&self.conn, &schema, id)?;
             let installed_key = format!("installed:{}", schema.name);
             if bootstrap
                 && meta::get_i64(&self.conn, &installed_key)
@@ -167,13 +197,15 @@ impl<C: Clock> SqliteStore<C> {
                     .is_none()
             {
                 self.conn
-                    .execute_batch(&bootstrap_sql(&schema))
+                    .execute_batch(&bootstrap_sql(&schema, id))
                     .map_err(db)?;
                 meta::set(&self.conn, &installed_key, 1).map_err(db)?;
             }
+            synced.push(Arc::new(Synced::new(id, schema.clone())));
             schemas.push(schema);
         }
         self.schemas = schemas;
+        self.synced = synced;
         self.schema_version = self.read_schema_version()?;
         Ok(())
     }
@@ -184,24 +216,39 @@ impl<C: Clock> SqliteStore<C> {
             .map_err(db)
     }
 
-    /// Runs `body` in one write transaction with capture suppressed for driftless's own writes.
-    /// Picks up schema changes (e.g. an added column) first. Rolls back on error.
+    /// Runs `body` in one write transaction. Picks up schema changes (e.g. an added column)
+    /// first. Before committing, deletes the capture records of the writes stamped in it and of
+    /// driftless's own writes (records above the mark: no other connection can write while we
+    /// hold the write lock), so applied changes are never captured again. Rolls back on error.
     pub(crate) fn write_tx<T>(
         &mut self,
         body: impl FnOnce(&mut Self) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE; UPDATE _driftless_state SET applying = 1;")
-            .map_err(db)?;
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(db)?;
         let result = (|| {
+            self.pending_mark = self
+                .conn
+                .prepare_cached("SELECT coalesce(max(seq), 0) FROM _driftless_pending")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(db)?;
+            self.pending_done = 0;
+            self.dead_letters_present = self
+                .conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM _driftless_dead_letters WHERE change IS NOT NULL)",
+                )
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(db)?;
             if self.read_schema_version()? != self.schema_version {
                 self.refresh_schemas_in_tx(false)?;
             }
             let value = body(self)?;
-            meta::set(&self.conn, "hlc", self.hlc.last().as_u64() as i64).map_err(db)?;
             self.conn
-                .execute_batch("UPDATE _driftless_state SET applying = 0; COMMIT;")
+                .prepare_cached("DELETE FROM _driftless_pending WHERE seq <= ?1 OR seq > ?2")
+                .and_then(|mut s| s.execute([self.pending_done, self.pending_mark]))
                 .map_err(db)?;
+            meta::set(&self.conn, "hlc", self.hlc.last().as_u64() as i64).map_err(db)?;
+            self.conn.execute_batch("COMMIT").map_err(db)?;
             Ok(value)
         })();
         if result.is_err() {
@@ -211,9 +258,12 @@ impl<C: Clock> SqliteStore<C> {
         result
     }
 
-    /// The schema of a synced table.
-    pub(crate) fn schema(&self, table: &TableName) -> Option<&TableSchema> {
-        self.schemas.iter().find(|s| &s.name == table)
+    /// A synced table by name.
+    pub(crate) fn synced(&self, table: &TableName) -> Option<Arc<Synced>> {
+        self.synced
+            .iter()
+            .find(|s| &s.schema.name == table)
+            .cloned()
     }
 
     /// Milliseconds since the epoch for ledger timestamps.

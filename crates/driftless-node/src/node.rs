@@ -242,9 +242,11 @@ fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
     };
     let mut seen_version = None;
     let mut last_release = Instant::now();
+    let mut skew = ClockSkewFile::from_env();
     let mut last_compact = Instant::now();
     let mut failures = 0u32;
     while !*ctx.shutdown.borrow() {
+        skew.poll();
         let result = ctx.store.call_blocking(|s| {
             let version = s.data_version()?;
             if seen_version != Some(version) {
@@ -290,6 +292,42 @@ fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
         std::thread::sleep(poll);
     }
     Ok(())
+}
+
+/// Fault injection only: when `DRIFTLESS_CLOCK_SKEW_FILE` names a file, its content (an integer
+/// of milliseconds, may be negative) is this process's wall-clock skew, re-read every 100 ms so a
+/// test harness can make the clock jump while the node runs. Unset in production.
+struct ClockSkewFile {
+    path: Option<std::path::PathBuf>,
+    last_read: Option<Instant>,
+}
+
+impl ClockSkewFile {
+    fn from_env() -> Self {
+        let path = std::env::var_os("DRIFTLESS_CLOCK_SKEW_FILE").map(std::path::PathBuf::from);
+        let mut file = ClockSkewFile {
+            path,
+            last_read: None,
+        };
+        file.poll();
+        file
+    }
+
+    fn poll(&mut self) {
+        let Some(path) = &self.path else { return };
+        if self
+            .last_read
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
+        {
+            return;
+        }
+        self.last_read = Some(Instant::now());
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(skew) = text.trim().parse::<i64>()
+        {
+            driftless_store::set_clock_skew_ms(skew);
+        }
+    }
 }
 
 async fn accept_peers(

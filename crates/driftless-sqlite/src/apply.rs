@@ -136,6 +136,11 @@ impl<C: Clock> SqliteStore<C> {
             Ok(outcome) => outcome,
             Err(e) => return Ok(Err(Refusal::Dead(format!("invalid change: {e}")))),
         };
+        #[cfg(feature = "fault-injection")]
+        if outcome.effect == Effect::Applied && injected_fault_drops_this_change() {
+            // Deliberately lose the change: nothing written, but the batch (and cursor) go on.
+            return Ok(Ok(()));
+        }
         match outcome.effect {
             Effect::Duplicate => report.duplicates += 1,
             Effect::Superseded => report.superseded += 1,
@@ -332,4 +337,24 @@ impl<C: Clock> SqliteStore<C> {
         report.dead_lettered += 1;
         Ok(())
     }
+}
+
+/// With the `fault-injection` feature and `DRIFTLESS_FAULT=drop-every-N` (N >= 1) in the
+/// environment, every N-th applied change is silently dropped. Only for proving that the
+/// fault-injection checker catches lost writes.
+#[cfg(feature = "fault-injection")]
+fn injected_fault_drops_this_change() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static APPLIED: AtomicU64 = AtomicU64::new(0);
+    let Some(every) = std::env::var("DRIFTLESS_FAULT")
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("drop-every-")
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .filter(|n| *n > 0)
+    else {
+        return false;
+    };
+    APPLIED.fetch_add(1, Ordering::Relaxed) % every == every - 1
 }

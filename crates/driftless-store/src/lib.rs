@@ -7,7 +7,7 @@
 mod clock;
 mod types;
 
-pub use clock::{SystemClock, random_node_id, random_u64};
+pub use clock::{SystemClock, random_node_id, random_u64, set_clock_skew_ms};
 pub use types::*;
 
 use driftless_core::{Change, NodeId, PrimaryKey, TableName};

@@ -17,6 +17,7 @@ pub async fn serve(ctx: Arc<Context>, listener: TcpListener) {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .with_state(ctx.clone());
     let mut shutdown = ctx.shutdown.clone();
     let result = axum::serve(listener, app)
@@ -90,4 +91,14 @@ async fn status(State(ctx): State<Arc<Context>>) -> Result<Json<NodeStatus>, (St
             format!("store unreachable: {e}\n"),
         )
     })
+}
+
+async fn metrics(State(ctx): State<Arc<Context>>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        ctx.metrics.render(),
+    )
 }

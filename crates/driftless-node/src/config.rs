@@ -126,6 +126,8 @@ pub struct SyncSection {
     pub heartbeat_ms: u64,
     /// Log compaction interval.
     pub compact_interval_ms: u64,
+    /// How often an idle link compares table digests with the peer (convergence check).
+    pub check_interval_ms: u64,
     /// Log entries kept behind the head even when every peer has them.
     pub retain_entries_min: u64,
     /// The log never holds more entries than this; peers left behind are re-bootstrapped.
@@ -142,6 +144,7 @@ impl Default for SyncSection {
             reconnect_max_ms: 10_000,
             heartbeat_ms: 2_000,
             compact_interval_ms: 60_000,
+            check_interval_ms: 30_000,
             retain_entries_min: 10_000,
             retain_entries_max: 10_000_000,
         }
@@ -475,6 +478,7 @@ addr = "127.0.0.1:9101"            # /healthz, /readyz, /status
 # reconnect_max_ms = 10000
 # heartbeat_ms = 2000
 # compact_interval_ms = 60000
+# check_interval_ms = 30000
 # retain_entries_min = 10000
 # retain_entries_max = 10000000
 "#;
@@ -504,7 +508,7 @@ mod tests {
         );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("unknown field `insecur`"), "{err}");
-        assert!(err.contains("line 22"), "{err}");
+        assert!(err.contains("line 20"), "{err}");
     }
 
     #[test]

@@ -24,6 +24,25 @@ fn quote(name: &str) -> String {
 pub fn table_digests(path: &Path, tables: &[&str]) -> rusqlite::Result<Vec<TableDigest>> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(table_digests_raw(&conn, tables)?
+        .into_iter()
+        .map(|(table, rows, digest)| TableDigest {
+            table,
+            rows,
+            digest: hex(&digest),
+        })
+        .collect())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// `(table, rows, 16-byte digest)` of each table, read through `conn`.
+pub fn table_digests_raw(
+    conn: &Connection,
+    tables: &[&str],
+) -> rusqlite::Result<Vec<(String, u64, [u8; 16])>> {
     let mut out = Vec::new();
     for table in tables {
         let mut info = conn.prepare(&format!("PRAGMA table_info({})", quote(table)))?;
@@ -59,11 +78,10 @@ pub fn table_digests(path: &Path, tables: &[&str]) -> rusqlite::Result<Vec<Table
             hasher.update(&e.finish());
             count += 1;
         }
-        out.push(TableDigest {
-            table: (*table).to_owned(),
-            rows: count,
-            digest: hasher.finalize().to_hex()[..16].to_owned(),
-        });
+        let digest: [u8; 16] = hasher.finalize().as_bytes()[..16]
+            .try_into()
+            .expect("16 of 32 bytes");
+        out.push(((*table).to_owned(), count, digest));
     }
     Ok(out)
 }

@@ -13,6 +13,7 @@ pub mod quickstart;
 pub mod session;
 pub mod status;
 pub mod store_handle;
+pub mod telemetry;
 
 pub use config::{Config, ConfigError, ResolvedConfig, node_id_from_name};
 pub use node::{Listeners, NodeError, open_store, run};

@@ -22,6 +22,8 @@ use tokio::task::JoinSet;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often held changes are retried.
 const RELEASE_HELD_INTERVAL: Duration = Duration::from_secs(1);
+/// How often per-table gauges (dead letters) are refreshed from the store.
+const STATS_INTERVAL: Duration = Duration::from_secs(5);
 /// Most inbound connections handled at once; more wait in the kernel's accept queue.
 const INBOUND_CONNECTIONS_MAX: usize = 256;
 
@@ -92,11 +94,30 @@ pub struct Context {
     pub protocol_errors: AtomicU64,
     pub changes_applied: AtomicU64,
     pub changes_captured: AtomicU64,
+    pub metrics: crate::telemetry::Metrics,
     /// Peers with a live link: one link per peer at a time.
     active: Mutex<HashSet<NodeId>>,
 }
 
 impl Context {
+    /// Counts a link refused for authentication (`tls`, `token`, `identity`).
+    pub(crate) fn auth_failure(&self, reason: &str) {
+        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+        let label = crate::telemetry::ReasonLabel {
+            reason: reason.to_owned(),
+        };
+        self.metrics.auth_failures.get_or_create(&label).inc();
+    }
+
+    /// Counts a link closed for a protocol violation (`oversized`, `malformed`, `unexpected`).
+    pub(crate) fn protocol_error(&self, reason: &str) {
+        self.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        let label = crate::telemetry::ReasonLabel {
+            reason: reason.to_owned(),
+        };
+        self.metrics.protocol_errors.get_or_create(&label).inc();
+    }
+
     /// Claims the one link allowed per peer; false if it already has one.
     pub(crate) fn claim(&self, peer: NodeId) -> bool {
         self.active
@@ -183,6 +204,7 @@ pub async fn run(
         protocol_errors: AtomicU64::new(0),
         changes_applied: AtomicU64::new(0),
         changes_captured: AtomicU64::new(0),
+        metrics: crate::telemetry::Metrics::new(),
         active: Mutex::new(HashSet::new()),
         config,
     });
@@ -244,6 +266,7 @@ fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
     let mut last_release = Instant::now();
     let mut skew = ClockSkewFile::from_env();
     let mut last_compact = Instant::now();
+    let mut last_stats = Instant::now() - STATS_INTERVAL;
     let mut failures = 0u32;
     while !*ctx.shutdown.borrow() {
         skew.poll();
@@ -252,8 +275,13 @@ fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
             if seen_version != Some(version) {
                 seen_version = Some(version);
                 loop {
-                    let captured = s.capture(CAPTURE_BATCH_ROWS_MAX)?.changes.len();
+                    let report = s.capture(CAPTURE_BATCH_ROWS_MAX)?;
+                    let captured = report.changes.len();
                     ctx.changes_captured.fetch_add(captured as u64, Ordering::Relaxed);
+                    count_by_table(&report.changes, |table, n| {
+                        let label = crate::telemetry::TableLabel { table: table.to_owned() };
+                        ctx.metrics.changes_captured.get_or_create(&label).inc_by(n);
+                    });
                     if captured < CAPTURE_BATCH_ROWS_MAX {
                         break;
                     }
@@ -262,6 +290,13 @@ fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
             if last_release.elapsed() >= RELEASE_HELD_INTERVAL {
                 last_release = Instant::now();
                 s.release_held()?;
+            }
+            if last_stats.elapsed() >= STATS_INTERVAL {
+                last_stats = Instant::now();
+                for t in s.table_stats()? {
+                    let label = crate::telemetry::TableLabel { table: t.table.to_string() };
+                    ctx.metrics.dead_letters.get_or_create(&label).set(t.dead_letters as i64);
+                }
             }
             if last_compact.elapsed() >= compact_every {
                 last_compact = Instant::now();
@@ -292,6 +327,17 @@ fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
         std::thread::sleep(poll);
     }
     Ok(())
+}
+
+/// Calls `f(table, count)` once per table appearing in `changes`.
+pub(crate) fn count_by_table(changes: &[driftless_core::Change], mut f: impl FnMut(&str, u64)) {
+    let mut counts: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for c in changes {
+        *counts.entry(c.table.as_str()).or_default() += 1;
+    }
+    for (table, n) in counts {
+        f(table, n);
+    }
 }
 
 /// Fault injection only: when `DRIFTLESS_CLOCK_SKEW_FILE` names a file, its content (an integer
@@ -366,7 +412,7 @@ async fn accept_peers(
                         run_session(ctx.clone(), stream, Expect::Inbound { tls_identity: identity }).await
                     }
                     Ok(Err(e)) => {
-                        ctx.auth_failures.fetch_add(1, Ordering::Relaxed);
+                        ctx.auth_failure("tls");
                         tracing::warn!(%addr, error = %e, "TLS handshake refused");
                         return;
                     }
@@ -456,6 +502,10 @@ async fn dial_peer(
         let delay = backoff(attempt, min, max);
         attempt = attempt.saturating_add(1);
         ctx.peers.update(&peer.name, |p| p.reconnects += 1);
+        let label = crate::telemetry::ReasonLabel {
+            reason: "reconnect".into(),
+        };
+        ctx.metrics.retries.get_or_create(&label).inc();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = crate::node::stopped(&mut shutdown) => return,
@@ -490,7 +540,7 @@ async fn connect_and_run(
                 {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
-                        ctx.auth_failures.fetch_add(1, Ordering::Relaxed);
+                        ctx.auth_failure("tls");
                         return Err(SessionError::Refused(format!(
                             "TLS handshake with {} failed: {e}",
                             peer.name

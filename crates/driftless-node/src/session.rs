@@ -94,19 +94,37 @@ fn message_name(m: &Message) -> &'static str {
         Message::SnapshotDone { .. } => "snapshot-done",
         Message::Heartbeat { .. } => "heartbeat",
         Message::Goodbye { .. } => "goodbye",
+        Message::Digest { .. } => "digest",
     }
 }
 
-/// Checks the other side's hello. Returns the reason to refuse, and whether it is an
-/// authentication failure (token or certificate) rather than a protocol error.
-fn check_hello(ctx: &Context, hello: &Hello, expect: &Expect<'_>) -> Result<(), (String, bool)> {
+/// How a refused hello is counted.
+enum Failure {
+    Auth(&'static str),
+    Protocol(&'static str),
+}
+
+/// The metric reason of a link ended by a protocol violation, if it was one.
+fn protocol_violation(e: &SessionError) -> Option<&'static str> {
+    match e {
+        SessionError::Wire(WireError::FrameTooLarge { .. } | WireError::BatchTooLarge { .. }) => {
+            Some("oversized")
+        }
+        SessionError::Wire(WireError::Malformed(_) | WireError::UnknownTag(_)) => Some("malformed"),
+        SessionError::Refused(_) => Some("unexpected"),
+        _ => None,
+    }
+}
+
+/// Checks the other side's hello. Returns the reason to refuse and how to count it.
+fn check_hello(ctx: &Context, hello: &Hello, expect: &Expect<'_>) -> Result<(), (String, Failure)> {
     if hello.protocol != PROTOCOL_VERSION {
         return Err((
             format!(
                 "protocol version {} is not supported (this node speaks {PROTOCOL_VERSION})",
                 hello.protocol
             ),
-            false,
+            Failure::Protocol("unexpected"),
         ));
     }
     if hello.node != crate::config::node_id_from_name(&hello.name) {
@@ -115,18 +133,21 @@ fn check_hello(ctx: &Context, hello: &Hello, expect: &Expect<'_>) -> Result<(), 
                 "node id {} does not belong to the name {:?}",
                 hello.node, hello.name
             ),
-            true,
+            Failure::Auth("identity"),
         ));
     }
     if hello.node == ctx.node_id {
-        return Err(("the peer has this node's own name".into(), false));
+        return Err((
+            "the peer has this node's own name".into(),
+            Failure::Protocol("unexpected"),
+        ));
     }
     match expect {
         Expect::Outbound(peer) => {
             if hello.name != peer.name {
                 return Err((
                     format!("expected node {:?}, reached {:?}", peer.name, hello.name),
-                    true,
+                    Failure::Auth("identity"),
                 ));
             }
         }
@@ -141,7 +162,7 @@ fn check_hello(ctx: &Context, hello: &Hello, expect: &Expect<'_>) -> Result<(), 
                             tls_identity.as_deref().unwrap_or("nobody"),
                             hello.name
                         ),
-                        true,
+                        Failure::Auth("identity"),
                     ));
                 }
                 if !listen.tokens.is_empty()
@@ -150,7 +171,7 @@ fn check_hello(ctx: &Context, hello: &Hello, expect: &Expect<'_>) -> Result<(), 
                         .as_ref()
                         .is_some_and(|t| listen.tokens.iter().any(|ok| constant_time_eq(ok, t)))
                 {
-                    return Err(("missing or wrong token".into(), true));
+                    return Err(("missing or wrong token".into(), Failure::Auth("token")));
                 }
             }
         }
@@ -195,29 +216,19 @@ where
         Expect::Inbound { .. } => match read_hello(&mut reader).await {
             Ok(h) => (h, "inbound"),
             Err(e) => {
-                if matches!(
-                    e,
-                    SessionError::Refused(_)
-                        | SessionError::Wire(
-                            WireError::Malformed(_)
-                                | WireError::FrameTooLarge { .. }
-                                | WireError::UnknownTag(_)
-                        )
-                ) {
-                    ctx.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(reason) = protocol_violation(&e) {
+                    ctx.protocol_error(reason);
                 }
                 return (None, Err(e));
             }
         },
     };
     let name = their_hello.name.clone();
-    if let Err((reason, auth)) = check_hello(&ctx, &their_hello, &expect) {
-        let counter = if auth {
-            &ctx.auth_failures
-        } else {
-            &ctx.protocol_errors
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+    if let Err((reason, failure)) = check_hello(&ctx, &their_hello, &expect) {
+        match failure {
+            Failure::Auth(kind) => ctx.auth_failure(kind),
+            Failure::Protocol(kind) => ctx.protocol_error(kind),
+        }
         tracing::warn!(peer = %name, %reason, "refusing peer");
         let _ = write_message(
             &mut writer,
@@ -268,9 +279,17 @@ where
         p.last_error = None;
     });
     tracing::info!(peer = %name, direction, "peer connected");
+    ctx.metrics
+        .peer_connected
+        .get_or_create(&ctx.metrics.peer(&name))
+        .set(1);
     let result =
         stream_both_ways(ctx.clone(), peer, name.clone(), their_hello, reader, writer).await;
     ctx.release(peer);
+    ctx.metrics
+        .peer_connected
+        .get_or_create(&ctx.metrics.peer(&name))
+        .set(0);
     ctx.peers.update(&name, |p| {
         p.connected = false;
         if let Err(e) = &result {
@@ -350,15 +369,20 @@ where
                             s.log_head()
                         })
                         .await?;
-                    ctx.peers.update(&name, |p| p.backlog_out = head.0.saturating_sub(applied_through.0));
+                    let backlog = head.0.saturating_sub(applied_through.0);
+                    ctx.peers.update(&name, |p| p.backlog_out = backlog);
+                    ctx.metrics.backlog.get_or_create(&ctx.metrics.peer(&name)).set(backlog as i64);
                 }
                 Message::Heartbeat { log_head } => {
                     let cursor = ctx.store.call(move |s| s.cursor(peer)).await?;
                     ctx.peers.update(&name, |p| p.backlog_in = log_head.0.saturating_sub(cursor.0));
                 }
+                Message::Digest { head, cursor, tables } => {
+                    compare_digests(&ctx, peer, &name, head, cursor, tables).await?;
+                }
                 Message::Goodbye { reason } => return Err(SessionError::Goodbye(reason)),
                 Message::Hello(_) => {
-                    ctx.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    ctx.protocol_error("unexpected");
                     return Err(SessionError::Refused("a second hello".into()));
                 }
             }
@@ -389,11 +413,12 @@ async fn apply(
     name: &str,
     batch: Batch,
 ) -> Result<LogSeq, SessionError> {
-    let newest_ms = batch
+    let committed_ms: Vec<u64> = batch
         .changes
         .iter()
         .map(|c| c.version.timestamp.physical_ms())
-        .max();
+        .collect();
+    let newest_ms = committed_ms.iter().copied().max();
     let count = batch.changes.len() as u64;
     let kind = batch.kind;
     let (report, cursor, head) = ctx
@@ -416,6 +441,7 @@ async fn apply(
     let now = SystemClock.now_ms();
     ctx.changes_applied
         .fetch_add(report.applied as u64, Ordering::Relaxed);
+    record_apply_metrics(ctx, name, &report, &committed_ms, now);
     ctx.peers.update(name, |p| {
         p.batches_received += 1;
         p.changes_applied += report.applied as u64;
@@ -427,6 +453,131 @@ async fn apply(
         tracing::warn!(peer = %name, dead_lettered = report.dead_lettered, held = report.held, "some changes were not applied");
     }
     Ok(cursor)
+}
+
+/// This node's table digests with its log head and its cursor of `peer`'s log, read in one go.
+async fn my_digests(
+    ctx: &Context,
+    peer: NodeId,
+) -> Result<(LogSeq, LogSeq, Vec<driftless_wire::TableDigestWire>), SessionError> {
+    let tables: Vec<String> = ctx.tables.iter().map(|(t, _)| t.to_string()).collect();
+    let names: Vec<driftless_core::TableName> = ctx.tables.iter().map(|(t, _)| t.clone()).collect();
+    Ok(ctx
+        .store
+        .call(move |s| {
+            let head = s.log_head()?;
+            let cursor = s.cursor(peer)?;
+            let refs: Vec<&str> = tables.iter().map(String::as_str).collect();
+            let raw = crate::digest::table_digests_raw(s.connection(), &refs)
+                .map_err(|e| StoreError::Database(e.to_string()))?;
+            let digests = raw
+                .into_iter()
+                .zip(names)
+                .map(
+                    |((_, rows, digest), table)| driftless_wire::TableDigestWire {
+                        table,
+                        rows,
+                        digest,
+                    },
+                )
+                .collect();
+            Ok((head, cursor, digests))
+        })
+        .await?)
+}
+
+/// Compares the peer's digests with ours when both sides had applied all of each other's log;
+/// sets the convergence gauge and counts a drift incident for each table that differs.
+async fn compare_digests(
+    ctx: &Context,
+    peer: NodeId,
+    name: &str,
+    their_head: LogSeq,
+    their_cursor: LogSeq,
+    theirs: Vec<driftless_wire::TableDigestWire>,
+) -> Result<(), SessionError> {
+    let (my_head, my_cursor, mine) = my_digests(ctx, peer).await?;
+    if their_head != my_cursor || their_cursor != my_head {
+        return Ok(()); // changes in flight: the digests may differ legitimately
+    }
+    let m = &ctx.metrics;
+    m.reconciliation_runs
+        .get_or_create(&crate::telemetry::TriggerLabel {
+            trigger: "scheduled".into(),
+        })
+        .inc();
+    for t in &theirs {
+        let Some(my) = mine.iter().find(|m| m.table == t.table) else {
+            continue;
+        };
+        let agree = my.digest == t.digest;
+        let label = crate::telemetry::PeerTableLabel {
+            peer: name.to_owned(),
+            table: t.table.to_string(),
+        };
+        m.convergence
+            .get_or_create(&label)
+            .set(if agree { 1.0 } else { 0.0 });
+        if !agree {
+            m.drift_incidents
+                .get_or_create(&crate::telemetry::TableLabel {
+                    table: t.table.to_string(),
+                })
+                .inc();
+            tracing::warn!(peer = %name, table = %t.table, rows_here = my.rows, rows_there = t.rows,
+                "replicas differ although both have applied all of each other's changes (drift)");
+        }
+    }
+    Ok(())
+}
+
+/// Lag is measured from the origin's HLC physical time (its wall clock at commit, or later if its
+/// clock was behind a timestamp it had seen) to this node's wall clock at apply. Clock skew
+/// between the two shifts it: a fast origin clock makes lag look smaller (clamped at zero), a
+/// slow one larger; `max_clock_offset_ms` bounds the error, since changes stamped further ahead
+/// are held instead of applied.
+fn record_apply_metrics(
+    ctx: &Context,
+    name: &str,
+    report: &driftless_store::ApplyReport,
+    committed_ms: &[u64],
+    now_ms: u64,
+) {
+    let m = &ctx.metrics;
+    let peer = m.peer(name);
+    m.changes_applied
+        .get_or_create(&peer)
+        .inc_by(report.applied as u64);
+    m.duplicates
+        .get_or_create(&peer)
+        .inc_by(report.duplicates as u64);
+    m.clock_holds.inc_by(report.held as u64);
+    if report.retried > 0 {
+        let label = crate::telemetry::ReasonLabel {
+            reason: "dead_letter_retry".into(),
+        };
+        m.retries
+            .get_or_create(&label)
+            .inc_by(report.retried as u64);
+    }
+    let lag = m.lag.get_or_create(&peer);
+    for ms in committed_ms {
+        lag.observe(now_ms.saturating_sub(*ms) as f64 / 1000.0);
+    }
+    for (table, rule) in &report.conflict_rules {
+        let label = crate::telemetry::TableRuleLabel {
+            table: table.to_string(),
+            rule: rule.as_str().to_owned(),
+        };
+        m.conflicts.get_or_create(&label).inc();
+    }
+    for (table, reason) in &report.dead_letter_reasons {
+        let label = crate::telemetry::TableReasonLabel {
+            table: table.clone(),
+            reason: reason.as_str().to_owned(),
+        };
+        m.apply_errors.get_or_create(&label).inc();
+    }
 }
 
 /// Streams our log to the peer from `cursor`, bootstrapping it from a snapshot first if the log
@@ -482,6 +633,8 @@ async fn send_log(
         }
         cursor = resume_after;
     }
+    let check_every = Duration::from_millis(ctx.config.file.sync.check_interval_ms);
+    let mut last_check = std::time::Instant::now();
     let mut trace_id: u64 =
         u64::from_le_bytes(ctx.node_id.to_bytes()[..8].try_into().expect("8 bytes"));
     loop {
@@ -499,6 +652,13 @@ async fn send_log(
                 _ = tokio::time::sleep(heartbeat) => {
                     if out.send(Message::Heartbeat { log_head: page.head }).await.is_err() {
                         return Ok(());
+                    }
+                    if last_check.elapsed() >= check_every {
+                        last_check = std::time::Instant::now();
+                        let (head, cursor, tables) = my_digests(&ctx, peer).await?;
+                        if out.send(Message::Digest { head, cursor, tables }).await.is_err() {
+                            return Ok(());
+                        }
                     }
                 }
             }

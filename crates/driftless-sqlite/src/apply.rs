@@ -7,7 +7,8 @@ use crate::store::SqliteStore;
 use driftless_core::codec::{Encoder, decode_change, encode_change};
 use driftless_core::{Change, Clock, ClockError, ConflictRecord, Effect, NodeId};
 use driftless_store::{
-    APPLY_BATCH_CHANGES_MAX, ApplyReport, CaptureReport, DeadLetterId, LogSeq, StoreError,
+    APPLY_BATCH_CHANGES_MAX, ApplyReport, CaptureReport, DeadLetterId, DeadLetterReason, LogSeq,
+    StoreError,
 };
 use rusqlite::{OptionalExtension, params};
 
@@ -16,7 +17,7 @@ enum Refusal {
     /// Stamped too far ahead of our clock: hold it.
     Held(ClockError),
     /// Cannot be applied here: dead-letter it with this reason.
-    Dead(String),
+    Dead(DeadLetterReason, String),
 }
 
 pub(crate) fn encode_version(version: driftless_core::Version) -> Vec<u8> {
@@ -83,9 +84,12 @@ impl<C: Clock> SqliteStore<C> {
                 report.held += 1;
                 Ok(())
             }
-            Err(Refusal::Dead(reason)) => {
+            Err(Refusal::Dead(kind, reason)) => {
                 self.dead_letter(from, change, &reason)?;
                 report.dead_lettered += 1;
+                report
+                    .dead_letter_reasons
+                    .push((change.table.to_string(), kind));
                 Ok(())
             }
         }
@@ -99,31 +103,40 @@ impl<C: Clock> SqliteStore<C> {
         if let Err(e) = self.hlc.update(change.version.timestamp) {
             return Ok(Err(match e {
                 ClockError::TooFarAhead { .. } => Refusal::Held(e),
-                ClockError::Exhausted => Refusal::Dead(e.to_string()),
+                ClockError::Exhausted => Refusal::Dead(DeadLetterReason::Clock, e.to_string()),
             }));
         }
         let Some(synced) = self.synced(&change.table) else {
-            return Ok(Err(Refusal::Dead(format!(
-                "unknown table {}: it is not synced on this replica",
-                change.table
-            ))));
+            return Ok(Err(Refusal::Dead(
+                DeadLetterReason::UnknownTable,
+                format!(
+                    "unknown table {}: it is not synced on this replica",
+                    change.table
+                ),
+            )));
         };
         let schema = &synced.schema;
         for cell in change.cells() {
             match schema.column(&cell.column) {
                 None => {
-                    return Ok(Err(Refusal::Dead(format!(
-                        "unknown column {} in table {} (the change was made under schema {}, \
+                    return Ok(Err(Refusal::Dead(
+                        DeadLetterReason::UnknownColumn,
+                        format!(
+                            "unknown column {} in table {} (the change was made under schema {}, \
                          this replica has {}); add the column, then retry",
-                        cell.column, change.table, change.schema, schema.fingerprint
-                    ))));
+                            cell.column, change.table, change.schema, schema.fingerprint
+                        ),
+                    )));
                 }
                 Some(c) if c.primary_key.is_some() => {
-                    return Ok(Err(Refusal::Dead(format!(
-                        "column {} of table {} is part of the primary key here and cannot be \
+                    return Ok(Err(Refusal::Dead(
+                        DeadLetterReason::Invalid,
+                        format!(
+                            "column {} of table {} is part of the primary key here and cannot be \
                          written as a value",
-                        cell.column, change.table
-                    ))));
+                            cell.column, change.table
+                        ),
+                    )));
                 }
                 Some(_) => {}
             }
@@ -134,7 +147,12 @@ impl<C: Clock> SqliteStore<C> {
         let was_live = state.is_live();
         let outcome = match state.apply(change, &schema.rules) {
             Ok(outcome) => outcome,
-            Err(e) => return Ok(Err(Refusal::Dead(format!("invalid change: {e}")))),
+            Err(e) => {
+                return Ok(Err(Refusal::Dead(
+                    DeadLetterReason::Invalid,
+                    format!("invalid change: {e}"),
+                )));
+            }
         };
         #[cfg(feature = "fault-injection")]
         if outcome.effect == Effect::Applied && injected_fault_drops_this_change() {
@@ -161,10 +179,10 @@ impl<C: Clock> SqliteStore<C> {
                     self.conn
                         .execute_batch("ROLLBACK TO driftless_apply; RELEASE driftless_apply")
                         .map_err(db)?;
-                    return Ok(Err(Refusal::Dead(format!(
-                        "cannot write {} {}: {reason}",
-                        change.table, change.key
-                    ))));
+                    return Ok(Err(Refusal::Dead(
+                        DeadLetterReason::Constraint,
+                        format!("cannot write {} {}: {reason}", change.table, change.key),
+                    )));
                 }
                 self.conn
                     .execute_batch("RELEASE driftless_apply")
@@ -174,19 +192,22 @@ impl<C: Clock> SqliteStore<C> {
                 report.applied += 1;
             }
         }
-        report.conflicts += self.record_conflicts(&outcome.conflicts)?;
+        for c in self.record_conflicts(&outcome.conflicts)? {
+            report.conflicts += 1;
+            report.conflict_rules.push((c.table.clone(), c.rule));
+        }
         if outcome.effect == Effect::Applied && self.dead_letters_present {
             self.retry_row_dead_letters(change, report)?;
         }
         Ok(Ok(()))
     }
 
-    /// Stores conflicts in the ledger (each once). Returns how many were new.
-    pub(crate) fn record_conflicts(
+    /// Stores conflicts in the ledger (each once). Returns the ones that were new.
+    pub(crate) fn record_conflicts<'c>(
         &self,
-        conflicts: &[ConflictRecord],
-    ) -> Result<usize, StoreError> {
-        let mut added = 0;
+        conflicts: &'c [ConflictRecord],
+    ) -> Result<Vec<&'c ConflictRecord>, StoreError> {
+        let mut added = Vec::new();
         let now = self.now_ms() as i64;
         for c in conflicts {
             let mut stmt = self
@@ -197,7 +218,7 @@ impl<C: Clock> SqliteStore<C> {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(db)?;
-            added += stmt
+            let inserted = stmt
                 .execute(params![
                     c.table.as_str(),
                     c.key.as_bytes(),
@@ -210,6 +231,9 @@ impl<C: Clock> SqliteStore<C> {
                     now
                 ])
                 .map_err(db)?;
+            if inserted > 0 {
+                added.push(c);
+            }
         }
         Ok(added)
     }
@@ -311,10 +335,11 @@ impl<C: Clock> SqliteStore<C> {
         let reason = match self.try_apply(&change, &mut inner)? {
             Ok(()) => {
                 report.add(&inner);
+                report.retried += 1;
                 return Ok(());
             }
             Err(Refusal::Held(e)) => e.to_string(),
-            Err(Refusal::Dead(reason)) => reason,
+            Err(Refusal::Dead(_, reason)) => reason,
         };
         self.conn
             .execute(

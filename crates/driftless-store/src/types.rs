@@ -128,6 +128,37 @@ pub struct ApplyReport {
     pub held: usize,
     /// Local writes stamped first, in the same transaction.
     pub captured: usize,
+    /// Dead letters retried automatically because another change to their row applied.
+    pub retried: usize,
+    /// One entry per new conflict: its table and rule (for metrics).
+    pub conflict_rules: Vec<(TableName, driftless_core::ConflictRule)>,
+    /// One entry per change dead-lettered: its table (as the change names it) and why.
+    pub dead_letter_reasons: Vec<(String, DeadLetterReason)>,
+}
+
+/// Why a change was dead-lettered, in one word (the `reason` label of metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadLetterReason {
+    UnknownTable,
+    UnknownColumn,
+    /// NOT NULL, UNIQUE, CHECK or FOREIGN KEY failed when writing the row.
+    Constraint,
+    /// The change itself is malformed.
+    Invalid,
+    /// The clock cannot stamp it (exhausted).
+    Clock,
+}
+
+impl DeadLetterReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::UnknownTable => "unknown_table",
+            DeadLetterReason::UnknownColumn => "unknown_column",
+            DeadLetterReason::Constraint => "constraint",
+            DeadLetterReason::Invalid => "invalid",
+            DeadLetterReason::Clock => "clock",
+        }
+    }
 }
 
 impl ApplyReport {
@@ -139,6 +170,11 @@ impl ApplyReport {
         self.dead_lettered += other.dead_lettered;
         self.held += other.held;
         self.captured += other.captured;
+        self.retried += other.retried;
+        self.conflict_rules
+            .extend(other.conflict_rules.iter().cloned());
+        self.dead_letter_reasons
+            .extend(other.dead_letter_reasons.iter().cloned());
     }
 }
 

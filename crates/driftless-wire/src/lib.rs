@@ -39,6 +39,7 @@ const TAG_ACK: u8 = 3;
 const TAG_SNAPSHOT_DONE: u8 = 4;
 const TAG_HEARTBEAT: u8 = 5;
 const TAG_GOODBYE: u8 = 6;
+const TAG_DIGEST: u8 = 7;
 const FLAG_LZ4: u8 = 1;
 
 /// Payloads smaller than this are sent uncompressed (compression would not pay for itself).
@@ -105,6 +106,23 @@ pub enum Message {
     Goodbye {
         reason: String,
     },
+    /// Content digests of the sender's tables, taken when its log head was `head` and it had
+    /// applied the receiver's log up to `cursor`. The receiver compares them with its own only
+    /// when both sides had applied everything of each other (otherwise they may differ
+    /// legitimately).
+    Digest {
+        head: LogSeq,
+        cursor: LogSeq,
+        tables: Vec<TableDigestWire>,
+    },
+}
+
+/// One table's digest in a [`Message::Digest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableDigestWire {
+    pub table: TableName,
+    pub rows: u64,
+    pub digest: [u8; 16],
 }
 
 /// Errors reading or writing messages.
@@ -184,6 +202,21 @@ fn encode_payload(message: &Message) -> (u8, Vec<u8>) {
             e.bytes(reason.as_bytes());
             TAG_GOODBYE
         }
+        Message::Digest {
+            head,
+            cursor,
+            tables,
+        } => {
+            e.u64(head.0);
+            e.u64(cursor.0);
+            e.u32(tables.len());
+            for t in tables {
+                e.bytes(t.table.as_str().as_bytes());
+                e.u64(t.rows);
+                e.bytes(&t.digest);
+            }
+            TAG_DIGEST
+        }
     };
     (tag, e.finish())
 }
@@ -255,6 +288,32 @@ fn decode_payload(tag: u8, payload: &[u8]) -> Result<Message, WireError> {
         TAG_GOODBYE => Message::Goodbye {
             reason: d.text(TEXT_BYTES_MAX)?.to_owned(),
         },
+        TAG_DIGEST => {
+            let head = LogSeq(d.u64()?);
+            let cursor = LogSeq(d.u64()?);
+            let n = d.count(HELLO_TABLES_MAX, 32)?;
+            let mut tables = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = d.text(driftless_core::ids::NAME_BYTES_MAX)?;
+                let table =
+                    TableName::new(name).map_err(|e| WireError::Malformed(e.to_string()))?;
+                let rows = d.u64()?;
+                let digest: [u8; 16] = d
+                    .bytes(16)?
+                    .try_into()
+                    .map_err(|_| WireError::Malformed("a digest is 16 bytes".into()))?;
+                tables.push(TableDigestWire {
+                    table,
+                    rows,
+                    digest,
+                });
+            }
+            Message::Digest {
+                head,
+                cursor,
+                tables,
+            }
+        }
         other => return Err(WireError::UnknownTag(other)),
     };
     d.finish()?;

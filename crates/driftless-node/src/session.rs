@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc};
+use tracing::Instrument as _;
 
 /// How long the other side has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -421,6 +422,8 @@ async fn apply(
     let newest_ms = committed_ms.iter().copied().max();
     let count = batch.changes.len() as u64;
     let kind = batch.kind;
+    // The batch's trace id ties this span to the sender's `send_batch` span.
+    let span = tracing::debug_span!("apply_batch", peer = %name, trace_id = batch.trace_id, changes = count);
     let (report, cursor, head) = ctx
         .store
         .call(move |s| {
@@ -432,6 +435,7 @@ async fn apply(
             let report = s.apply_batch(peer, &batch.changes, cursor)?;
             Ok((report, cursor, s.log_head()?))
         })
+        .instrument(span)
         .await?;
     ctx.head.send_if_modified(|h| {
         let changed = *h != head;
@@ -672,6 +676,7 @@ async fn send_log(
             .filter(|c| c.origin() != peer)
             .collect();
         trace_id = trace_id.wrapping_add(1);
+        tracing::debug!(peer = %name, trace_id, next = page.next.0, "send_batch");
         let batch = Batch {
             kind: BatchKind::Log,
             next: page.next,

@@ -59,6 +59,9 @@ enum Command {
         config: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Refresh in place every second until Ctrl-C.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
     /// Changes that could not be applied.
     Dlq {
@@ -116,19 +119,70 @@ enum ConflictsAction {
     },
 }
 
+/// Flushes exported traces when dropped (feature `otlp`).
+struct TelemetryGuard {
+    #[cfg(feature = "otlp")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        #[cfg(feature = "otlp")]
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
 /// Logs go to stderr; `DRIFTLESS_LOG` (e.g. `debug`, `driftless_node=trace`) overrides the level.
-fn init_logs(format: LogFormat, default_level: &str) {
+/// With the `otlp` feature and `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans are also exported.
+fn init_logs(format: LogFormat, default_level: &str) -> TelemetryGuard {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter =
         EnvFilter::try_from_env("DRIFTLESS_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let colors = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(colors)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    #[cfg(feature = "otlp")]
+    {
+        use opentelemetry::trace::TracerProvider as _;
+        if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+            match opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .build()
+            {
+                Ok(exporter) => {
+                    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                        .with_batch_exporter(exporter)
+                        .build();
+                    let otel =
+                        tracing_opentelemetry::layer().with_tracer(provider.tracer("driftless"));
+                    tracing_subscriber::registry()
+                        .with(fmt.with_filter(filter))
+                        .with(otel)
+                        .init();
+                    return TelemetryGuard {
+                        provider: Some(provider),
+                    };
+                }
+                Err(e) => eprintln!("driftless: OTLP export disabled: {e}"),
+            }
+        }
+    }
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .init();
+    TelemetryGuard {
+        #[cfg(feature = "otlp")]
+        provider: None,
     }
 }
 
@@ -165,7 +219,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Quickstart { dir, once } => {
             // the quickstart tells its own story; logs show only warnings unless asked
-            init_logs(cli.log_format, "warn");
+            let _telemetry = init_logs(cli.log_format, "warn");
             let report = driftless_node::quickstart::quickstart(&dir, once, terminated()).await?;
             Ok(if report.converged {
                 ExitCode::SUCCESS
@@ -174,7 +228,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Run { config } => {
-            init_logs(cli.log_format, "info");
+            let _telemetry = init_logs(cli.log_format, "info");
             let config = Config::load(&config)?;
             let listeners = Listeners::bind(&config).await?;
             driftless_node::run(config, listeners, terminated()).await?;
@@ -193,8 +247,33 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { config, json } => {
+        Command::Status {
+            config,
+            json,
+            watch,
+        } => {
             let config = Config::load(&config)?;
+            if watch {
+                let addr = config
+                    .admin_addr
+                    .context("--watch needs the node's [admin] addr in the config")?;
+                let refresh = async {
+                    loop {
+                        let text = match ops::fetch_status(addr).await {
+                            Ok(status) => ops::render_status(&status, true),
+                            Err(e) => format!("admin API at {addr} unreachable: {e}\n"),
+                        };
+                        // clear the screen and draw from the top
+                        print!("\x1b[2J\x1b[H{text}\n(refreshing every second; Ctrl-C to stop)\n");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                };
+                tokio::select! {
+                    _ = refresh => {}
+                    _ = terminated() => {}
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let (status, running) = match config.admin_addr {
                 Some(addr) => match ops::fetch_status(addr).await {
                     Ok(status) => (status, true),

@@ -19,6 +19,9 @@ pub enum ConflictRule {
     Min,
     /// A delete discarded a concurrent update (or a concurrent update arrived after the delete).
     DeleteWins,
+    /// A store's table held a value its merge state does not (written behind driftless's back,
+    /// e.g. with capture disabled): the merge state's value was restored.
+    Drift,
 }
 
 impl ConflictRule {
@@ -30,6 +33,7 @@ impl ConflictRule {
             ConflictRule::Max => "max",
             ConflictRule::Min => "min",
             ConflictRule::DeleteWins => "delete_wins",
+            ConflictRule::Drift => "drift",
         }
     }
 }

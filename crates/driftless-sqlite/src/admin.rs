@@ -39,6 +39,7 @@ fn rule_from(text: &str) -> Result<ConflictRule, StoreError> {
         "max" => ConflictRule::Max,
         "min" => ConflictRule::Min,
         "delete_wins" => ConflictRule::DeleteWins,
+        "drift" => ConflictRule::Drift,
         other => {
             return Err(StoreError::Corrupt(format!(
                 "unknown conflict rule {other:?}"
@@ -329,5 +330,50 @@ impl<C: Clock> Store for SqliteStore<C> {
 
     fn table_stats(&mut self) -> Result<Vec<TableStats>, StoreError> {
         self.table_stats_impl()
+    }
+
+    fn top_fingerprints(&mut self, table: &TableName) -> Result<Vec<i64>, StoreError> {
+        self.top_fingerprints_impl(table)
+    }
+
+    fn fine_fingerprints(
+        &mut self,
+        table: &TableName,
+        tops: &[u32],
+    ) -> Result<Vec<(u32, Vec<i64>)>, StoreError> {
+        self.fine_fingerprints_impl(table, tops)
+    }
+
+    fn bucket_items(
+        &mut self,
+        table: &TableName,
+        fine: &[u32],
+    ) -> Result<Vec<(u32, PrimaryKey, i64)>, StoreError> {
+        self.bucket_items_impl(table, fine)
+    }
+
+    fn row_changes(
+        &mut self,
+        table: &TableName,
+        keys: &[PrimaryKey],
+    ) -> Result<Vec<Change>, StoreError> {
+        self.row_changes_impl(table, keys)
+    }
+
+    fn apply_repair(
+        &mut self,
+        from: NodeId,
+        changes: &[Change],
+    ) -> Result<ApplyReport, StoreError> {
+        self.apply_repair_impl(from, changes)
+    }
+
+    fn verify_chunk(
+        &mut self,
+        table: &TableName,
+        after: Option<&PrimaryKey>,
+        limit: usize,
+    ) -> Result<driftless_store::VerifyReport, StoreError> {
+        self.verify_chunk_impl(table, after, limit)
     }
 }

@@ -142,7 +142,7 @@ impl<C: Clock> SqliteStore<C> {
             }
         }
         let table = change.table.as_str();
-        let mut state = load_state(&self.conn, table, &change.key)?;
+        let (mut state, old_hash) = load_state(&self.conn, table, &change.key)?;
         let before_length = state.causal_length();
         let was_live = state.is_live();
         let outcome = match state.apply(change, &schema.rules) {
@@ -187,7 +187,7 @@ impl<C: Clock> SqliteStore<C> {
                 self.conn
                     .execute_batch("RELEASE driftless_apply")
                     .map_err(db)?;
-                save_state(&self.conn, table, &change.key, &state)?;
+                save_state(&self.conn, table, &change.key, old_hash, &state)?;
                 append_log(&self.conn, change)?;
                 report.applied += 1;
             }

@@ -44,7 +44,7 @@ impl<C: Clock> SqliteStore<C> {
                 continue; // the table is no longer synced
             };
             match &entry.key {
-                Ok(key) => self.stamp(table, entry.op, key, report)?,
+                Ok(key) => self.stamp_key(table, entry.op, key, report)?,
                 Err(reason) => {
                     self.dead_letter_local(table.schema.name.as_str(), reason)?;
                     report.refused += 1;
@@ -111,7 +111,9 @@ impl<C: Clock> SqliteStore<C> {
         rows.collect::<Result<_, _>>().map_err(db)
     }
 
-    fn stamp(
+    /// Stamps one local write to `key` (used by capture, and by verification to adopt a row
+    /// that was never captured).
+    pub(crate) fn stamp_key(
         &mut self,
         synced: &Synced,
         op: i64,
@@ -120,7 +122,7 @@ impl<C: Clock> SqliteStore<C> {
     ) -> Result<(), StoreError> {
         let schema = &synced.schema;
         let table = &schema.name;
-        let mut state = load_state(&self.conn, table.as_str(), key)?;
+        let (mut state, old_hash) = load_state(&self.conn, table.as_str(), key)?;
         let current = match read_user_row(&self.conn, synced, key) {
             Ok(current) => current,
             // A value driftless cannot represent (e.g. text that is not UTF-8): refuse this one
@@ -201,7 +203,7 @@ impl<C: Clock> SqliteStore<C> {
             )?;
             report.reverted += 1;
         }
-        save_state(&self.conn, table.as_str(), key, &state)?;
+        save_state(&self.conn, table.as_str(), key, old_hash, &state)?;
         append_log(&self.conn, &change)?;
         report.changes.push(change);
         Ok(())

@@ -11,6 +11,7 @@ mod apply;
 mod capture;
 mod log;
 mod meta;
+mod reconcile;
 mod rowio;
 mod schema;
 mod store;

@@ -151,7 +151,7 @@ impl<C: Clock> SqliteStore<C> {
                     .map_err(|e| StoreError::Corrupt(format!("log entry {seq}: {e}")))?;
                 let key = PrimaryKey::from_bytes(pk)
                     .map_err(|e| StoreError::Corrupt(format!("log entry {seq}: {e}")))?;
-                let state = load_state(&store.conn, table, &key)?;
+                let (state, _) = load_state(&store.conn, table, &key)?;
                 if !state.references(change.version) {
                     store
                         .conn

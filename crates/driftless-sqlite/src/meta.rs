@@ -37,12 +37,25 @@ pub fn install(conn: &Connection) -> rusqlite::Result<()> {
             {key_columns}
         );
 
-        -- Merge state of every row ever seen (codec::encode_row_state), tombstones included.
+        -- Merge state of every row ever seen (codec::encode_row_state), tombstones included, with
+        -- the row's reconciliation bucket (from its key) and item hash (of key and state).
         CREATE TABLE IF NOT EXISTS _driftless_rows (
             tbl TEXT NOT NULL,
             pk BLOB NOT NULL,
             state BLOB NOT NULL,
+            bucket INTEGER NOT NULL,
+            h INTEGER NOT NULL,
             PRIMARY KEY (tbl, pk)
+        ) WITHOUT ROWID;
+        CREATE INDEX IF NOT EXISTS _driftless_rows_bucket ON _driftless_rows (tbl, bucket);
+
+        -- Per table and fine bucket: the XOR of its rows' item hashes, maintained with every state
+        -- write, so range fingerprints cost a few index reads instead of a table scan.
+        CREATE TABLE IF NOT EXISTS _driftless_fingerprints (
+            tbl TEXT NOT NULL,
+            bucket INTEGER NOT NULL,
+            fp INTEGER NOT NULL,
+            PRIMARY KEY (tbl, bucket)
         ) WITHOUT ROWID;
 
         -- The change log: local writes and applied remote changes, in order. AUTOINCREMENT so a

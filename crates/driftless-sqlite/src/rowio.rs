@@ -51,7 +51,7 @@ pub fn key_part_from_sql(value: ValueRef<'_>) -> Result<KeyPart, String> {
     })
 }
 
-fn key_part_to_sql(part: &KeyPart) -> SqlValue {
+pub fn key_part_to_sql(part: &KeyPart) -> SqlValue {
     match part {
         KeyPart::Integer(i) => SqlValue::Integer(*i),
         KeyPart::Text(t) => SqlValue::Text(t.clone()),
@@ -133,39 +133,59 @@ pub fn write_user_row(
     Ok(())
 }
 
+/// A row's merge state and its current item hash (`None` if the row was never seen).
 pub fn load_state(
     conn: &Connection,
     table: &str,
     key: &PrimaryKey,
-) -> Result<RowState, StoreError> {
+) -> Result<(RowState, Option<i64>), StoreError> {
     let mut stmt = conn
-        .prepare_cached("SELECT state FROM _driftless_rows WHERE tbl = ?1 AND pk = ?2")
+        .prepare_cached("SELECT state, h FROM _driftless_rows WHERE tbl = ?1 AND pk = ?2")
         .map_err(db)?;
-    let bytes: Option<Vec<u8>> = stmt
-        .query_row(params![table, key.as_bytes()], |r| r.get(0))
+    let row: Option<(Vec<u8>, i64)> = stmt
+        .query_row(params![table, key.as_bytes()], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()
         .map_err(db)?;
-    match bytes {
-        None => Ok(RowState::new()),
-        Some(bytes) => decode_row_state(&bytes)
+    match row {
+        None => Ok((RowState::new(), None)),
+        Some((bytes, h)) => decode_row_state(&bytes)
+            .map(|state| (state, Some(h)))
             .map_err(|e| StoreError::Corrupt(format!("row state of {table} {key}: {e}"))),
     }
 }
 
+/// Saves a row's merge state and keeps its bucket's fingerprint in step: the fingerprint is the
+/// XOR of the bucket's item hashes, so replacing `old_hash` by the new hash is one XOR.
 pub fn save_state(
     conn: &Connection,
     table: &str,
     key: &PrimaryKey,
+    old_hash: Option<i64>,
     state: &RowState,
 ) -> Result<(), StoreError> {
+    let bytes = encode_row_state(state);
+    let hash = driftless_store::fingerprint::item_hash(key, &bytes);
+    let bucket = driftless_store::fingerprint::fine_bucket(key);
     let mut stmt = conn
         .prepare_cached(
-            "INSERT INTO _driftless_rows (tbl, pk, state) VALUES (?1, ?2, ?3)
-             ON CONFLICT (tbl, pk) DO UPDATE SET state = excluded.state",
+            "INSERT INTO _driftless_rows (tbl, pk, state, bucket, h) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (tbl, pk) DO UPDATE SET state = excluded.state, h = excluded.h",
         )
         .map_err(db)?;
-    stmt.execute(params![table, key.as_bytes(), encode_row_state(state)])
+    stmt.execute(params![table, key.as_bytes(), bytes, bucket, hash])
         .map_err(db)?;
+    let delta = hash ^ old_hash.unwrap_or(0);
+    if delta != 0 {
+        let mut stmt = conn
+            .prepare_cached(
+                "INSERT INTO _driftless_fingerprints (tbl, bucket, fp) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (tbl, bucket) DO UPDATE SET fp = (fp | excluded.fp) & ~(fp & excluded.fp)",
+            )
+            .map_err(db)?;
+        stmt.execute(params![table, bucket, delta]).map_err(db)?;
+    }
     Ok(())
 }
 

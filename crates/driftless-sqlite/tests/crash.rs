@@ -129,9 +129,28 @@ fn crash_during_apply_loses_nothing_and_applies_nothing_twice() {
         }
     }
     let head = source.log_head().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    // Calibrate: how long does a whole uninterrupted stream take here, now? Kills are then spread
+    // over that time, so they land mid-stream whatever the machine's speed.
+    let calibration_path = dir.path().join("calibration.db");
+    drop(open(&calibration_path, 2));
+    let started = std::time::Instant::now();
+    let status = Command::new(&exe)
+        .args([
+            "--exact",
+            "child_apply_loop",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env("DRIFTLESS_CRASH_SOURCE", &source_path)
+        .env("DRIFTLESS_CRASH_TARGET", &calibration_path)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stream_ms = (started.elapsed().as_millis() as u64).max(20);
     drop(open(&target_path, 2)); // install before the first child runs
 
-    let exe = std::env::current_exe().unwrap();
     let mut kills = 0;
     let mut mid_stream = 0;
     let mut rounds = 0;
@@ -154,7 +173,7 @@ fn crash_during_apply_loses_nothing_and_applies_nothing_twice() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(5 + rng.below(150)));
+        std::thread::sleep(Duration::from_millis(5 + rng.below(stream_ms * 9 / 10)));
         if child.try_wait().unwrap().is_some() {
             // finished before the kill: start over on a fresh target so the stream is long again
             std::fs::remove_file(&target_path).unwrap();
@@ -229,5 +248,7 @@ fn crash_during_apply_loses_nothing_and_applies_nothing_twice() {
     );
     let stock_total: i64 = contents(&target_path).iter().map(|r| r.2.unwrap()).sum();
     assert_eq!(stock_total, ROWS * (1..=UPDATE_ROUNDS).sum::<i64>());
-    println!("seed {seed:#x}: {kills} kills, {mid_stream} mid-stream, {rounds} child runs");
+    println!(
+        "seed {seed:#x}: {kills} kills, {mid_stream} mid-stream, {rounds} child runs, stream {stream_ms} ms"
+    );
 }

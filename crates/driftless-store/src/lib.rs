@@ -5,6 +5,7 @@
 //! or async runtimes. It depends on `driftless-core` only (plus the OS random source for node ids).
 
 mod clock;
+pub mod fingerprint;
 mod types;
 
 pub use clock::{SystemClock, random_node_id, random_u64, set_clock_skew_ms};
@@ -100,4 +101,43 @@ pub trait Store {
 
     /// Per-table counts for status displays.
     fn table_stats(&mut self) -> Result<Vec<TableStats>, StoreError>;
+
+    /// Reconciliation: the fingerprint of each top bucket of `table`
+    /// ([`fingerprint::TOP_BUCKETS`] entries, 0 for an empty bucket).
+    fn top_fingerprints(&mut self, table: &TableName) -> Result<Vec<i64>, StoreError>;
+
+    /// The fingerprints of the fine buckets under each of `tops`
+    /// ([`fingerprint::FINE_PER_TOP`] per top bucket, in order).
+    fn fine_fingerprints(
+        &mut self,
+        table: &TableName,
+        tops: &[u32],
+    ) -> Result<Vec<(u32, Vec<i64>)>, StoreError>;
+
+    /// The rows in the given fine buckets: `(fine bucket, key, item hash)`.
+    fn bucket_items(
+        &mut self,
+        table: &TableName,
+        fine: &[u32],
+    ) -> Result<Vec<(u32, PrimaryKey, i64)>, StoreError>;
+
+    /// The full merge states of the given rows, as changes (rows never seen are skipped).
+    fn row_changes(
+        &mut self,
+        table: &TableName,
+        keys: &[PrimaryKey],
+    ) -> Result<Vec<Change>, StoreError>;
+
+    /// Merges changes sent by `from` to repair differences; cursors do not move.
+    fn apply_repair(&mut self, from: NodeId, changes: &[Change])
+    -> Result<ApplyReport, StoreError>;
+
+    /// Checks up to `limit` rows of `table` after `after` against their merge state, and repairs
+    /// what differs (see docs/reconciliation.md): content written behind driftless's back.
+    fn verify_chunk(
+        &mut self,
+        table: &TableName,
+        after: Option<&PrimaryKey>,
+        limit: usize,
+    ) -> Result<VerifyReport, StoreError>;
 }

@@ -298,3 +298,16 @@ pub enum StoreError {
     #[error("the store was installed for node {found}, not {expected}")]
     WrongNode { expected: NodeId, found: NodeId },
 }
+
+/// What one local verification chunk found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Rows compared.
+    pub checked: usize,
+    /// Rows whose table content differed from their merge state (restored from the state).
+    pub restored: usize,
+    /// Rows present in the table with no merge state at all (adopted as local inserts).
+    pub adopted: usize,
+    /// Resume after this key; `None` when the table is done.
+    pub next: Option<PrimaryKey>,
+}

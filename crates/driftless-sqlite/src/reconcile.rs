@@ -1,0 +1,356 @@
+//! Reconciliation support: range fingerprints, bucket contents, full row states for repairs, and
+//! the local check of table content against merge state (drift behind driftless's back).
+
+use crate::rowio::{key_part_from_sql, load_state, read_user_row, write_user_row};
+use crate::schema::{OP_INSERT, Synced, db, quote_ident};
+use crate::store::SqliteStore;
+use driftless_core::{
+    Change, Clock, ColumnName, ConflictRecord, ConflictRule, ConflictSide, NodeId, PrimaryKey,
+    TableName, Value,
+};
+use driftless_store::fingerprint::{FINE_BITS, FINE_PER_TOP, TOP_BITS, TOP_BUCKETS};
+use driftless_store::{ApplyReport, CaptureReport, StoreError, VerifyReport};
+use rusqlite::params;
+use std::sync::Arc;
+
+/// Most buckets one request may name (bounds a peer's request).
+pub const BUCKETS_PER_REQUEST_MAX: usize = 4096;
+/// Most keys one repair request may name.
+pub const KEYS_PER_REQUEST_MAX: usize = 100_000;
+
+impl<C: Clock> SqliteStore<C> {
+    fn synced_or_err(&self, table: &TableName) -> Result<Arc<Synced>, StoreError> {
+        self.synced(table)
+            .ok_or_else(|| StoreError::UnknownTable(table.to_string()))
+    }
+
+    pub(crate) fn top_fingerprints_impl(
+        &mut self,
+        table: &TableName,
+    ) -> Result<Vec<i64>, StoreError> {
+        self.synced_or_err(table)?;
+        let mut tops = vec![0i64; TOP_BUCKETS];
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT bucket, fp FROM _driftless_fingerprints WHERE tbl = ?1")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([table.as_str()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            })
+            .map_err(db)?;
+        for row in rows {
+            let (bucket, fp) = row.map_err(db)?;
+            let top = (bucket >> (FINE_BITS - TOP_BITS)) as usize;
+            if let Some(slot) = tops.get_mut(top) {
+                *slot ^= fp;
+            }
+        }
+        Ok(tops)
+    }
+
+    pub(crate) fn fine_fingerprints_impl(
+        &mut self,
+        table: &TableName,
+        tops: &[u32],
+    ) -> Result<Vec<(u32, Vec<i64>)>, StoreError> {
+        self.synced_or_err(table)?;
+        if tops.len() > BUCKETS_PER_REQUEST_MAX {
+            return Err(StoreError::BatchTooLarge {
+                len: tops.len(),
+                max: BUCKETS_PER_REQUEST_MAX,
+            });
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT bucket, fp FROM _driftless_fingerprints
+                 WHERE tbl = ?1 AND bucket >= ?2 AND bucket < ?3",
+            )
+            .map_err(db)?;
+        let mut out = Vec::with_capacity(tops.len());
+        for &top in tops {
+            let first = i64::from(top) * FINE_PER_TOP as i64;
+            let mut fps = vec![0i64; FINE_PER_TOP];
+            let rows = stmt
+                .query_map(
+                    params![table.as_str(), first, first + FINE_PER_TOP as i64],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                )
+                .map_err(db)?;
+            for row in rows {
+                let (bucket, fp) = row.map_err(db)?;
+                fps[(bucket - first) as usize] = fp;
+            }
+            out.push((top, fps));
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn bucket_items_impl(
+        &mut self,
+        table: &TableName,
+        fine: &[u32],
+    ) -> Result<Vec<(u32, PrimaryKey, i64)>, StoreError> {
+        self.synced_or_err(table)?;
+        if fine.len() > BUCKETS_PER_REQUEST_MAX {
+            return Err(StoreError::BatchTooLarge {
+                len: fine.len(),
+                max: BUCKETS_PER_REQUEST_MAX,
+            });
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT pk, h FROM _driftless_rows WHERE tbl = ?1 AND bucket = ?2")
+            .map_err(db)?;
+        let mut out = Vec::new();
+        for &bucket in fine {
+            let rows = stmt
+                .query_map(params![table.as_str(), i64::from(bucket)], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+                })
+                .map_err(db)?;
+            for row in rows {
+                let (pk, h) = row.map_err(db)?;
+                let key = PrimaryKey::from_bytes(&pk)
+                    .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?;
+                out.push((bucket, key, h));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn row_changes_impl(
+        &mut self,
+        table: &TableName,
+        keys: &[PrimaryKey],
+    ) -> Result<Vec<Change>, StoreError> {
+        let synced = self.synced_or_err(table)?;
+        if keys.len() > KEYS_PER_REQUEST_MAX {
+            return Err(StoreError::BatchTooLarge {
+                len: keys.len(),
+                max: KEYS_PER_REQUEST_MAX,
+            });
+        }
+        let mut out = Vec::new();
+        for key in keys {
+            let (state, _) = load_state(&self.conn, table.as_str(), key)?;
+            out.extend(state.to_changes(table, key, synced.schema.fingerprint));
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn apply_repair_impl(
+        &mut self,
+        from: NodeId,
+        changes: &[Change],
+    ) -> Result<ApplyReport, StoreError> {
+        if changes.len() > driftless_store::APPLY_BATCH_CHANGES_MAX {
+            return Err(StoreError::BatchTooLarge {
+                len: changes.len(),
+                max: driftless_store::APPLY_BATCH_CHANGES_MAX,
+            });
+        }
+        self.write_tx(|store| {
+            let mut report = ApplyReport::default();
+            let mut captured = CaptureReport::default();
+            store.capture_all_in_tx(&mut captured)?;
+            report.captured = captured.changes.len();
+            for change in changes {
+                store.apply_one(Some(from), change, &mut report)?;
+            }
+            Ok(report)
+        })
+    }
+
+    /// See [`driftless_store::Store::verify_chunk`]. The rule (docs/reconciliation.md): the merge
+    /// state is what was captured and replicated, so table content that differs from it was
+    /// written behind driftless's back. A row whose content differs, or that is missing while its
+    /// state says it exists, or present while its state says it was deleted, is restored from the
+    /// state, and the discarded content goes to the conflict ledger (rule `drift`). A row with no
+    /// state at all is adopted as a new local insert (nothing replicated can be overwritten).
+    pub(crate) fn verify_chunk_impl(
+        &mut self,
+        table: &TableName,
+        after: Option<&PrimaryKey>,
+        limit: usize,
+    ) -> Result<VerifyReport, StoreError> {
+        let synced = self.synced_or_err(table)?;
+        let limit = limit.clamp(1, driftless_store::SNAPSHOT_CHUNK_ROWS_MAX);
+        self.write_tx(|store| {
+            let mut report = VerifyReport::default();
+            let mut captured = CaptureReport::default();
+            // Pending local writes are not drift: stamp them first.
+            store.capture_all_in_tx(&mut captured)?;
+            let user_keys = store.user_keys_after(&synced, after, limit)?;
+            let upper = (user_keys.len() == limit)
+                .then(|| user_keys.last().cloned())
+                .flatten();
+            let state_keys = store.state_keys_between(table, after, upper.as_ref())?;
+            // merge-join the two sorted key lists
+            let mut keys: Vec<PrimaryKey> = user_keys;
+            keys.extend(state_keys);
+            keys.sort();
+            keys.dedup();
+            for key in &keys {
+                report.checked += 1;
+                store.verify_row(&synced, key, &mut report)?;
+            }
+            report.next = upper;
+            Ok(report)
+        })
+    }
+
+    /// Keys of the user table after `after`, in key order.
+    fn user_keys_after(
+        &self,
+        synced: &Synced,
+        after: Option<&PrimaryKey>,
+        limit: usize,
+    ) -> Result<Vec<PrimaryKey>, StoreError> {
+        let keys = synced.schema.key_columns();
+        let names: Vec<String> = keys.iter().map(|c| quote_ident(c.name.as_str())).collect();
+        let list = names.join(", ");
+        let table = quote_ident(synced.schema.name.as_str());
+        let placeholders: Vec<String> = (1..=names.len()).map(|i| format!("?{i}")).collect();
+        let (filter, params): (String, Vec<rusqlite::types::Value>) = match after {
+            None => (String::new(), Vec::new()),
+            Some(key) => (
+                format!("WHERE ({list}) > ({})", placeholders.join(", ")),
+                key.parts()
+                    .iter()
+                    .map(crate::rowio::key_part_to_sql)
+                    .collect(),
+            ),
+        };
+        let sql = format!("SELECT {list} FROM {table} {filter} ORDER BY {list} LIMIT {limit}");
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(db)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(params), |r| {
+                let mut parts = Vec::with_capacity(names.len());
+                for i in 0..names.len() {
+                    parts.push(key_part_from_sql(r.get_ref(i)?));
+                }
+                Ok(parts)
+            })
+            .map_err(db)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let parts: Result<Vec<_>, String> = row.map_err(db)?.into_iter().collect();
+            // keys driftless cannot represent were already refused at capture; skip them here
+            if let Ok(parts) = parts {
+                if let Ok(key) = PrimaryKey::from_parts(&parts) {
+                    out.push(key);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn state_keys_between(
+        &self,
+        table: &TableName,
+        after: Option<&PrimaryKey>,
+        upper: Option<&PrimaryKey>,
+    ) -> Result<Vec<PrimaryKey>, StoreError> {
+        let after_bytes = after.map(|k| k.as_bytes().to_vec()).unwrap_or_default();
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT pk FROM _driftless_rows WHERE tbl = ?1 AND pk > ?2
+                 AND (?3 IS NULL OR pk <= ?3) ORDER BY pk",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    table.as_str(),
+                    after_bytes,
+                    upper.map(|k| k.as_bytes().to_vec())
+                ],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .map_err(db)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let pk = row.map_err(db)?;
+            out.push(
+                PrimaryKey::from_bytes(&pk)
+                    .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn verify_row(
+        &mut self,
+        synced: &Synced,
+        key: &PrimaryKey,
+        report: &mut VerifyReport,
+    ) -> Result<(), StoreError> {
+        let table = &synced.schema.name;
+        let (state, _) = load_state(&self.conn, table.as_str(), key)?;
+        let row = match read_user_row(&self.conn, synced, key) {
+            Ok(row) => row,
+            Err(StoreError::Schema { .. }) => return Ok(()), // unrepresentable; refused at capture
+            Err(e) => return Err(e),
+        };
+        if state.version().is_none() {
+            if row.is_some() {
+                // in the table, never captured: adopt it as a local insert
+                let mut capture = CaptureReport::default();
+                self.stamp_key(synced, OP_INSERT, key, &mut capture)?;
+                report.adopted += 1;
+            }
+            return Ok(());
+        }
+        let visible = state.visible();
+        let differs: Vec<(ColumnName, Option<Value>, Option<Value>)> = match (&visible, &row) {
+            (None, None) => Vec::new(),
+            (Some(v), Some(r)) => r
+                .iter()
+                .filter(|(c, value)| v.get(c).unwrap_or(&Value::Null) != value)
+                .map(|(c, value)| (c.clone(), v.get(c).cloned(), Some(value.clone())))
+                .collect(),
+            (Some(v), None) => v
+                .iter()
+                .map(|(c, value)| (c.clone(), Some(value.clone()), None))
+                .collect(),
+            (None, Some(r)) => r
+                .iter()
+                .map(|(c, value)| (c.clone(), None, Some(value.clone())))
+                .collect(),
+        };
+        let row_missing_or_extra = visible.is_some() != row.is_some();
+        if differs.is_empty() && !row_missing_or_extra {
+            return Ok(());
+        }
+        let version = state.version().expect("checked above");
+        let conflicts: Vec<ConflictRecord> = differs
+            .into_iter()
+            .map(|(column, winner, loser)| ConflictRecord {
+                table: table.clone(),
+                key: key.clone(),
+                column,
+                rule: ConflictRule::Drift,
+                winner: ConflictSide {
+                    version,
+                    value: winner,
+                },
+                loser: ConflictSide {
+                    version,
+                    value: loser,
+                },
+            })
+            .collect();
+        self.record_conflicts(&conflicts)?;
+        write_user_row(&self.conn, synced, key, visible.as_ref(), false).map_err(|reason| {
+            StoreError::Schema {
+                table: table.to_string(),
+                reason: format!("cannot restore {key} from its merge state: {reason}"),
+            }
+        })?;
+        report.restored += 1;
+        Ok(())
+    }
+}

@@ -238,10 +238,10 @@ impl<C: Clock> SqliteStore<C> {
         for row in rows {
             let parts: Result<Vec<_>, String> = row.map_err(db)?.into_iter().collect();
             // keys driftless cannot represent were already refused at capture; skip them here
-            if let Ok(parts) = parts {
-                if let Ok(key) = PrimaryKey::from_parts(&parts) {
-                    out.push(key);
-                }
+            if let Ok(key) =
+                parts.and_then(|p| PrimaryKey::from_parts(&p).map_err(|e| e.to_string()))
+            {
+                out.push(key);
             }
         }
         Ok(out)

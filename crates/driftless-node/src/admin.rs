@@ -18,6 +18,7 @@ pub async fn serve(ctx: Arc<Context>, listener: TcpListener) {
         .route("/readyz", get(ready))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/reconcile", axum::routing::post(reconcile))
         .with_state(ctx.clone());
     let mut shutdown = ctx.shutdown.clone();
     let result = axum::serve(listener, app)
@@ -101,4 +102,31 @@ async fn metrics(State(ctx): State<Arc<Context>>) -> impl axum::response::IntoRe
         )],
         ctx.metrics.render(),
     )
+}
+
+/// Query of `POST /reconcile`.
+#[derive(Debug, serde::Deserialize)]
+struct ReconcileQuery {
+    peer: String,
+    table: Option<String>,
+    #[serde(default)]
+    repair: bool,
+}
+
+/// Runs a reconciliation with a peer (repair or just diff) and answers with its report.
+async fn reconcile(
+    State(ctx): State<Arc<Context>>,
+    axum::extract::Query(q): axum::extract::Query<ReconcileQuery>,
+) -> Result<Json<crate::reconcile::ReconcileReport>, (StatusCode, String)> {
+    crate::reconcile::reconcile(&ctx, &q.peer, q.table.as_deref(), q.repair, "manual")
+        .await
+        .map(Json)
+        .map_err(|e| {
+            let status = match e {
+                crate::reconcile::ReconcileError::NotConnected(_)
+                | crate::reconcile::ReconcileError::UnknownTable(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            (status, format!("{e}\n"))
+        })
 }

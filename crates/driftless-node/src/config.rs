@@ -128,6 +128,9 @@ pub struct SyncSection {
     pub compact_interval_ms: u64,
     /// How often an idle link compares table digests with the peer (convergence check).
     pub check_interval_ms: u64,
+    /// How often this node reconciles with the peers it dials (with ±10% jitter); 0 = never
+    /// on a schedule (events and `driftless reconcile` still run it).
+    pub reconcile_interval_ms: u64,
     /// Log entries kept behind the head even when every peer has them.
     pub retain_entries_min: u64,
     /// The log never holds more entries than this; peers left behind are re-bootstrapped.
@@ -145,6 +148,7 @@ impl Default for SyncSection {
             heartbeat_ms: 2_000,
             compact_interval_ms: 60_000,
             check_interval_ms: 30_000,
+            reconcile_interval_ms: 3_600_000,
             retain_entries_min: 10_000,
             retain_entries_max: 10_000_000,
         }
@@ -479,6 +483,7 @@ addr = "127.0.0.1:9101"            # /healthz, /readyz, /status
 # heartbeat_ms = 2000
 # compact_interval_ms = 60000
 # check_interval_ms = 30000
+# reconcile_interval_ms = 3600000
 # retain_entries_min = 10000
 # retain_entries_max = 10000000
 "#;

@@ -10,6 +10,7 @@ pub mod digest;
 pub mod node;
 pub mod ops;
 pub mod quickstart;
+pub mod reconcile;
 pub mod session;
 pub mod status;
 pub mod store_handle;

@@ -95,11 +95,25 @@ pub struct Context {
     pub changes_applied: AtomicU64,
     pub changes_captured: AtomicU64,
     pub metrics: crate::telemetry::Metrics,
+    /// Live links by peer name, for reconciliation requests.
+    pub links: Mutex<std::collections::HashMap<String, crate::reconcile::LinkHandle>>,
+    /// Set after events that risk drift (snapshot bootstrap, held changes released); the
+    /// reconciliation scheduler runs soon after.
+    pub reconcile_soon: std::sync::atomic::AtomicBool,
     /// Peers with a live link: one link per peer at a time.
     active: Mutex<HashSet<NodeId>>,
 }
 
 impl Context {
+    /// The live link to the peer named `name`, if any.
+    pub fn link(&self, name: &str) -> Option<crate::reconcile::LinkHandle> {
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
     /// Counts a link refused for authentication (`tls`, `token`, `identity`).
     pub(crate) fn auth_failure(&self, reason: &str) {
         self.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -205,6 +219,8 @@ pub async fn run(
         changes_applied: AtomicU64::new(0),
         changes_captured: AtomicU64::new(0),
         metrics: crate::telemetry::Metrics::new(),
+        links: Mutex::default(),
+        reconcile_soon: std::sync::atomic::AtomicBool::new(false),
         active: Mutex::new(HashSet::new()),
         config,
     });
@@ -227,6 +243,7 @@ pub async fn run(
     if let Some(listener) = listeners.admin {
         tasks.spawn(crate::admin::serve(ctx.clone(), listener));
     }
+    tasks.spawn(schedule_reconciliation(ctx.clone()));
 
     shutdown.await;
     tracing::info!(node = %ctx.name, "shutting down");
@@ -289,7 +306,10 @@ fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
             }
             if last_release.elapsed() >= RELEASE_HELD_INTERVAL {
                 last_release = Instant::now();
-                s.release_held()?;
+                if s.release_held()?.applied > 0 {
+                    // held changes are a drift risk: reconcile soon after releasing them
+                    ctx.reconcile_soon.store(true, Ordering::Relaxed);
+                }
             }
             if last_stats.elapsed() >= STATS_INTERVAL {
                 last_stats = Instant::now();
@@ -448,6 +468,61 @@ fn routine_end(e: &SessionError) -> bool {
                 | std::io::ErrorKind::BrokenPipe
         ),
         _ => false,
+    }
+}
+
+/// Runs reconciliation with every peer this node dials: on the configured interval (with ±10%
+/// jitter, so a fleet does not reconcile in lockstep) and soon after events that risk drift.
+/// Only the dialing side schedules, so a pair of nodes does not reconcile twice.
+async fn schedule_reconciliation(ctx: Arc<Context>) {
+    let interval_ms = ctx.config.file.sync.reconcile_interval_ms;
+    let mut shutdown = ctx.shutdown.clone();
+    let jittered = |ms: u64| {
+        let jitter = driftless_store::random_u64().unwrap_or(0) % (ms / 5 + 1);
+        Duration::from_millis(ms - ms / 10 + jitter)
+    };
+    let mut next = (interval_ms > 0).then(|| Instant::now() + jittered(interval_ms));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        let event = ctx.reconcile_soon.swap(false, Ordering::Relaxed);
+        let due = next.is_some_and(|t| Instant::now() >= t);
+        if !event && !due {
+            continue;
+        }
+        let trigger = if event { "event" } else { "scheduled" };
+        let dialed_links = ctx
+            .config
+            .file
+            .peers
+            .iter()
+            .filter(|p| ctx.link(&p.name).is_some())
+            .count();
+        if dialed_links == 0 {
+            // nobody to compare with from here: still check our own tables for local drift
+            for (table, _) in &ctx.tables {
+                let mut report = crate::reconcile::TableReport::default();
+                if let Err(e) =
+                    crate::reconcile::verify_locally(&ctx, table, true, &mut report).await
+                {
+                    tracing::warn!(%table, error = %e, "local verification failed; will retry");
+                }
+            }
+        }
+        for peer in &ctx.config.file.peers {
+            if ctx.link(&peer.name).is_none() {
+                continue;
+            }
+            if let Err(e) = crate::reconcile::reconcile(&ctx, &peer.name, None, true, trigger).await
+            {
+                tracing::warn!(peer = %peer.name, error = %e, "reconciliation failed; will retry");
+            }
+        }
+        if due {
+            next = Some(Instant::now() + jittered(interval_ms));
+        }
     }
 }
 

@@ -16,15 +16,52 @@ const STATUS_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Asks a running node for its status over the admin API.
 pub async fn fetch_status(admin: SocketAddr) -> Result<NodeStatus, String> {
+    let body = admin_request(admin, "GET", "/status", Duration::from_secs(5)).await?;
+    serde_json::from_str(&body).map_err(|e| format!("bad status document: {e}"))
+}
+
+/// Runs `driftless diff` (`repair = false`) or `driftless reconcile` on a running node.
+pub async fn request_reconcile(
+    admin: SocketAddr,
+    peer: &str,
+    table: Option<&str>,
+    repair: bool,
+) -> Result<crate::reconcile::ReconcileReport, String> {
+    let mut path = format!("/reconcile?peer={}&repair={repair}", url_escape(peer));
+    if let Some(table) = table {
+        path.push_str(&format!("&table={}", url_escape(table)));
+    }
+    let body = admin_request(admin, "POST", &path, Duration::from_secs(3600)).await?;
+    serde_json::from_str(&body).map_err(|e| format!("bad reconciliation report: {e}"))
+}
+
+fn url_escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// One HTTP/1.1 request to the admin API; returns the body of a 200 answer.
+async fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<String, String> {
     let request = async {
         let mut stream = tokio::net::TcpStream::connect(admin)
             .await
             .map_err(|e| e.to_string())?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
         stream
-            .write_all(
-                format!("GET /status HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
+            .write_all(head.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
         let mut response = Vec::new();
@@ -35,17 +72,85 @@ pub async fn fetch_status(admin: SocketAddr) -> Result<NodeStatus, String> {
             .map_err(|e| e.to_string())?;
         Ok::<Vec<u8>, String>(response)
     };
-    let response = tokio::time::timeout(Duration::from_secs(5), request)
+    let response = tokio::time::timeout(timeout, request)
         .await
-        .map_err(|_| "the admin API did not answer within 5 s".to_owned())??;
+        .map_err(|_| format!("the admin API did not answer within {timeout:?}"))??;
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or("malformed HTTP response")?;
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(head.lines().next().unwrap_or("error").to_owned());
+        let status = head.lines().next().unwrap_or("error");
+        return Err(format!("{status}: {}", body.trim()));
     }
-    serde_json::from_str(body).map_err(|e| format!("bad status document: {e}"))
+    Ok(body.to_owned())
+}
+
+/// `driftless diff` / `driftless reconcile` as text.
+pub fn render_reconcile(report: &crate::reconcile::ReconcileReport) -> String {
+    let mut out = String::new();
+    let rows: Vec<Vec<String>> = report
+        .tables
+        .iter()
+        .map(|t| {
+            vec![
+                t.table.clone(),
+                format!(
+                    "{}/{}",
+                    t.ranges_compared - t.ranges_differing,
+                    t.ranges_compared
+                ),
+                t.keys_only_here.to_string(),
+                t.keys_only_there.to_string(),
+                t.keys_differing.to_string(),
+                (t.local_restored + t.local_adopted).to_string(),
+                if report.repair {
+                    format!("{} here, {} there", t.repaired_here, t.repaired_there)
+                } else {
+                    "-".into()
+                },
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &[
+            "TABLE",
+            "RANGES AGREEING",
+            "ONLY HERE",
+            "ONLY THERE",
+            "DIFFERING",
+            "LOCAL DRIFT",
+            "REPAIRED",
+        ],
+        &rows,
+    );
+    for t in &report.tables {
+        if !t.sample_keys.is_empty() {
+            let _ = writeln!(out, "{}: sample keys {}", t.table, t.sample_keys.join(", "));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{} with {}: {} round trips, {} bytes sent, {} bytes received, {} ms",
+        if report.repair {
+            "reconciled"
+        } else {
+            "compared"
+        },
+        report.peer,
+        report.round_trips,
+        report.bytes_sent,
+        report.bytes_received,
+        report.millis
+    );
+    let verdict = match (report.found_differences(), report.repair) {
+        (false, _) => "in agreement",
+        (true, false) => "differences found",
+        (true, true) => "differences found and repaired",
+    };
+    let _ = writeln!(out, "{verdict}");
+    out
 }
 
 /// Status read straight from the store, for when the node is not running.

@@ -96,6 +96,8 @@ fn message_name(m: &Message) -> &'static str {
         Message::Heartbeat { .. } => "heartbeat",
         Message::Goodbye { .. } => "goodbye",
         Message::Digest { .. } => "digest",
+        Message::ReconRequest { .. } => "reconcile-request",
+        Message::ReconResponse { .. } => "reconcile-response",
     }
 }
 
@@ -326,6 +328,11 @@ where
         Ok::<(), WireError>(())
     });
     let window = Arc::new(Semaphore::new(sync.window_batches));
+    let link = crate::reconcile::LinkHandle::new(peer, out_tx.clone());
+    ctx.links
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name.clone(), link.clone());
     let sender = tokio::spawn(send_log(
         ctx.clone(),
         peer,
@@ -360,6 +367,7 @@ where
                         .call(move |s| s.apply_batch(peer, &[], resume_after).map(|_| ()))
                         .await?;
                     tracing::info!(peer = %name, resume_after = resume_after.0, "bootstrap from snapshot complete");
+                    ctx.reconcile_soon.store(true, Ordering::Relaxed);
                     let _ = out_tx.send(Message::Ack { applied_through: resume_after }).await;
                 }
                 Message::Ack { applied_through } => {
@@ -381,6 +389,13 @@ where
                 Message::Digest { head, cursor, tables } => {
                     compare_digests(&ctx, peer, &name, head, cursor, tables).await?;
                 }
+                Message::ReconRequest { id, table, request } => {
+                    let reply = crate::reconcile::respond(&ctx, peer, table, request).await;
+                    if out_tx.send(Message::ReconResponse { id, reply }).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Message::ReconResponse { id, reply } => link.deliver(id, reply),
                 Message::Goodbye { reason } => return Err(SessionError::Goodbye(reason)),
                 Message::Hello(_) => {
                     ctx.protocol_error("unexpected");
@@ -391,6 +406,10 @@ where
     }
     .await;
     sender.abort();
+    ctx.links
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&name);
     let reason = match &result {
         Err(SessionError::Shutdown) => Some("shutting down".to_owned()),
         Err(SessionError::Goodbye(_))
@@ -446,6 +465,10 @@ async fn apply(
     ctx.changes_applied
         .fetch_add(report.applied as u64, Ordering::Relaxed);
     record_apply_metrics(ctx, name, &report, &committed_ms, now);
+    if report.retried > 0 {
+        // dead letters applied after all: check the replicas agree
+        ctx.reconcile_soon.store(true, Ordering::Relaxed);
+    }
     ctx.peers.update(name, |p| {
         p.batches_received += 1;
         p.changes_applied += report.applied as u64;

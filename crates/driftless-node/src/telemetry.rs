@@ -10,7 +10,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -86,8 +86,11 @@ pub struct Metrics {
 }
 
 fn lag_histogram() -> Histogram {
-    // 1 ms .. ~65 s in 17 doubling buckets
-    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+    // Boundaries at the figures people set objectives on (10 ms, 1 s, 5 s ...): the lag SLO
+    // alerts select the 5 s bucket.
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
 }
 
 impl Default for Metrics {

@@ -373,7 +373,8 @@ impl<C: Clock> Store for SqliteStore<C> {
         table: &TableName,
         after: Option<&PrimaryKey>,
         limit: usize,
+        repair: bool,
     ) -> Result<driftless_store::VerifyReport, StoreError> {
-        self.verify_chunk_impl(table, after, limit)
+        self.verify_chunk_impl(table, after, limit, repair)
     }
 }

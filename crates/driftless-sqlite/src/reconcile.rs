@@ -174,6 +174,7 @@ impl<C: Clock> SqliteStore<C> {
         table: &TableName,
         after: Option<&PrimaryKey>,
         limit: usize,
+        repair: bool,
     ) -> Result<VerifyReport, StoreError> {
         let synced = self.synced_or_err(table)?;
         let limit = limit.clamp(1, driftless_store::SNAPSHOT_CHUNK_ROWS_MAX);
@@ -194,7 +195,7 @@ impl<C: Clock> SqliteStore<C> {
             keys.dedup();
             for key in &keys {
                 report.checked += 1;
-                store.verify_row(&synced, key, &mut report)?;
+                store.verify_row(&synced, key, repair, &mut report)?;
             }
             report.next = upper;
             Ok(report)
@@ -286,6 +287,7 @@ impl<C: Clock> SqliteStore<C> {
         &mut self,
         synced: &Synced,
         key: &PrimaryKey,
+        repair: bool,
         report: &mut VerifyReport,
     ) -> Result<(), StoreError> {
         let table = &synced.schema.name;
@@ -298,8 +300,10 @@ impl<C: Clock> SqliteStore<C> {
         if state.version().is_none() {
             if row.is_some() {
                 // in the table, never captured: adopt it as a local insert
-                let mut capture = CaptureReport::default();
-                self.stamp_key(synced, OP_INSERT, key, &mut capture)?;
+                if repair {
+                    let mut capture = CaptureReport::default();
+                    self.stamp_key(synced, OP_INSERT, key, &mut capture)?;
+                }
                 report.adopted += 1;
             }
             return Ok(());
@@ -323,6 +327,10 @@ impl<C: Clock> SqliteStore<C> {
         };
         let row_missing_or_extra = visible.is_some() != row.is_some();
         if differs.is_empty() && !row_missing_or_extra {
+            return Ok(());
+        }
+        if !repair {
+            report.restored += 1;
             return Ok(());
         }
         let version = state.version().expect("checked above");

@@ -132,12 +132,14 @@ pub trait Store {
     fn apply_repair(&mut self, from: NodeId, changes: &[Change])
     -> Result<ApplyReport, StoreError>;
 
-    /// Checks up to `limit` rows of `table` after `after` against their merge state, and repairs
-    /// what differs (see docs/reconciliation.md): content written behind driftless's back.
+    /// Checks up to `limit` rows of `table` after `after` against their merge state: content
+    /// written behind driftless's back (see docs/reconciliation.md). With `repair`, fixes it;
+    /// without, only counts what it would fix.
     fn verify_chunk(
         &mut self,
         table: &TableName,
         after: Option<&PrimaryKey>,
         limit: usize,
+        repair: bool,
     ) -> Result<VerifyReport, StoreError>;
 }

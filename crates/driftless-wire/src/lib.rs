@@ -16,7 +16,7 @@
 //! 4. either side may close with [`Message::Goodbye`] and a reason.
 
 use driftless_core::codec::{DecodeError, Decoder, Encoder};
-use driftless_core::{Change, NodeId, SchemaFingerprint, TableName};
+use driftless_core::{Change, NodeId, PrimaryKey, SchemaFingerprint, TableName};
 use driftless_store::LogSeq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -40,6 +40,10 @@ const TAG_SNAPSHOT_DONE: u8 = 4;
 const TAG_HEARTBEAT: u8 = 5;
 const TAG_GOODBYE: u8 = 6;
 const TAG_DIGEST: u8 = 7;
+const TAG_RECON_REQUEST: u8 = 8;
+const TAG_RECON_RESPONSE: u8 = 9;
+/// Most keys, items or fingerprints one reconciliation message may carry.
+pub const RECON_ITEMS_MAX: usize = 1 << 20;
 const FLAG_LZ4: u8 = 1;
 
 /// Payloads smaller than this are sent uncompressed (compression would not pay for itself).
@@ -115,6 +119,52 @@ pub enum Message {
         cursor: LogSeq,
         tables: Vec<TableDigestWire>,
     },
+    /// A reconciliation step for `table`; answered by a `ReconResponse` with the same `id`.
+    ReconRequest {
+        id: u64,
+        table: TableName,
+        request: ReconRequest,
+    },
+    ReconResponse {
+        id: u64,
+        reply: ReconReply,
+    },
+}
+
+/// A step of a reconciliation, sent by the node that runs it (see docs/reconciliation.md).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReconRequest {
+    /// The initiator's fingerprint of every top bucket.
+    Top { fingerprints: Vec<i64> },
+    /// The initiator's rows `(fine bucket, key, item hash)` in `buckets` (fine buckets whose
+    /// fingerprints differ). With `repair`, the responder answers with its row states.
+    Items {
+        buckets: Vec<u32>,
+        items: Vec<(u32, PrimaryKey, i64)>,
+        repair: bool,
+    },
+    /// Row states the responder lacks or holds differently; it merges them.
+    Repair { changes: Vec<Change> },
+}
+
+/// The responder's answer to a [`ReconRequest`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReconReply {
+    /// Fine-bucket fingerprints under each top bucket that differed.
+    Fine { buckets: Vec<(u32, Vec<i64>)> },
+    /// The comparison of items: keys only the initiator has (`wanted`), keys whose states
+    /// differ, how many keys only the responder has, and (with repair) the responder's states
+    /// for the differing keys and the keys only it has.
+    Rows {
+        wanted: Vec<PrimaryKey>,
+        differing: Vec<PrimaryKey>,
+        only_here: Vec<PrimaryKey>,
+        changes: Vec<Change>,
+    },
+    /// The repair was merged: how many changes had an effect.
+    Repaired { applied: u64 },
+    /// The request could not be served (unknown table, limits).
+    Refused { reason: String },
 }
 
 /// One table's digest in a [`Message::Digest`].
@@ -217,8 +267,116 @@ fn encode_payload(message: &Message) -> (u8, Vec<u8>) {
             }
             TAG_DIGEST
         }
+        Message::ReconRequest { id, table, request } => {
+            e.u64(*id);
+            e.bytes(table.as_str().as_bytes());
+            match request {
+                ReconRequest::Top { fingerprints } => {
+                    e.u8(1);
+                    put_i64s(&mut e, fingerprints);
+                }
+                ReconRequest::Items {
+                    buckets,
+                    items,
+                    repair,
+                } => {
+                    e.u8(2);
+                    e.u32(buckets.len());
+                    for b in buckets {
+                        e.u32(*b as usize);
+                    }
+                    e.u32(items.len());
+                    for (bucket, key, hash) in items {
+                        e.u32(*bucket as usize);
+                        e.bytes(key.as_bytes());
+                        e.u64(*hash as u64);
+                    }
+                    e.u8(u8::from(*repair));
+                }
+                ReconRequest::Repair { changes } => {
+                    e.u8(3);
+                    put_changes(&mut e, changes);
+                }
+            }
+            TAG_RECON_REQUEST
+        }
+        Message::ReconResponse { id, reply } => {
+            e.u64(*id);
+            match reply {
+                ReconReply::Fine { buckets } => {
+                    e.u8(1);
+                    e.u32(buckets.len());
+                    for (top, fps) in buckets {
+                        e.u32(*top as usize);
+                        put_i64s(&mut e, fps);
+                    }
+                }
+                ReconReply::Rows {
+                    wanted,
+                    differing,
+                    only_here,
+                    changes,
+                } => {
+                    e.u8(2);
+                    for keys in [wanted, differing, only_here] {
+                        e.u32(keys.len());
+                        for k in keys {
+                            e.bytes(k.as_bytes());
+                        }
+                    }
+                    put_changes(&mut e, changes);
+                }
+                ReconReply::Repaired { applied } => {
+                    e.u8(3);
+                    e.u64(*applied);
+                }
+                ReconReply::Refused { reason } => {
+                    e.u8(4);
+                    e.bytes(reason.as_bytes());
+                }
+            }
+            TAG_RECON_RESPONSE
+        }
     };
     (tag, e.finish())
+}
+
+fn put_i64s(e: &mut Encoder, values: &[i64]) {
+    e.u32(values.len());
+    for v in values {
+        e.u64(*v as u64);
+    }
+}
+
+fn put_changes(e: &mut Encoder, changes: &[Change]) {
+    e.u32(changes.len());
+    for c in changes {
+        e.change(c);
+    }
+}
+
+fn get_i64s(d: &mut Decoder<'_>) -> Result<Vec<i64>, WireError> {
+    let n = d.count(RECON_ITEMS_MAX, 8)?;
+    (0..n).map(|_| Ok(d.u64()? as i64)).collect()
+}
+
+fn get_key(d: &mut Decoder<'_>) -> Result<PrimaryKey, WireError> {
+    let bytes = d.bytes(driftless_core::key::KEY_ENCODED_BYTES_MAX)?;
+    PrimaryKey::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+fn get_keys(d: &mut Decoder<'_>) -> Result<Vec<PrimaryKey>, WireError> {
+    let n = d.count(RECON_ITEMS_MAX, 5)?;
+    (0..n).map(|_| get_key(d)).collect()
+}
+
+fn get_changes(d: &mut Decoder<'_>) -> Result<Vec<Change>, WireError> {
+    let n = d.count(BATCH_CHANGES_MAX, 40)?;
+    (0..n).map(|_| Ok(d.change()?)).collect()
+}
+
+fn get_bucket(d: &mut Decoder<'_>) -> Result<u32, WireError> {
+    u32::try_from(d.u32()?).map_err(|_| WireError::Malformed("bucket out of range".into()))
 }
 
 fn decode_payload(tag: u8, payload: &[u8]) -> Result<Message, WireError> {
@@ -314,6 +472,70 @@ fn decode_payload(tag: u8, payload: &[u8]) -> Result<Message, WireError> {
                 tables,
             }
         }
+        TAG_RECON_REQUEST => {
+            let id = d.u64()?;
+            let name = d.text(driftless_core::ids::NAME_BYTES_MAX)?;
+            let table = TableName::new(name).map_err(|e| WireError::Malformed(e.to_string()))?;
+            let request = match d.u8()? {
+                1 => ReconRequest::Top {
+                    fingerprints: get_i64s(&mut d)?,
+                },
+                2 => {
+                    let n = d.count(RECON_ITEMS_MAX, 4)?;
+                    let buckets = (0..n)
+                        .map(|_| get_bucket(&mut d))
+                        .collect::<Result<_, _>>()?;
+                    let n = d.count(RECON_ITEMS_MAX, 17)?;
+                    let mut items = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let bucket = get_bucket(&mut d)?;
+                        let key = get_key(&mut d)?;
+                        items.push((bucket, key, d.u64()? as i64));
+                    }
+                    let repair = d.u8()? != 0;
+                    ReconRequest::Items {
+                        buckets,
+                        items,
+                        repair,
+                    }
+                }
+                3 => ReconRequest::Repair {
+                    changes: get_changes(&mut d)?,
+                },
+                other => return Err(WireError::Malformed(format!("reconciliation step {other}"))),
+            };
+            Message::ReconRequest { id, table, request }
+        }
+        TAG_RECON_RESPONSE => {
+            let id = d.u64()?;
+            let reply = match d.u8()? {
+                1 => {
+                    let n = d.count(RECON_ITEMS_MAX, 8)?;
+                    let mut buckets = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let top = get_bucket(&mut d)?;
+                        buckets.push((top, get_i64s(&mut d)?));
+                    }
+                    ReconReply::Fine { buckets }
+                }
+                2 => ReconReply::Rows {
+                    wanted: get_keys(&mut d)?,
+                    differing: get_keys(&mut d)?,
+                    only_here: get_keys(&mut d)?,
+                    changes: get_changes(&mut d)?,
+                },
+                3 => ReconReply::Repaired { applied: d.u64()? },
+                4 => ReconReply::Refused {
+                    reason: d.text(TEXT_BYTES_MAX)?.to_owned(),
+                },
+                other => {
+                    return Err(WireError::Malformed(format!(
+                        "reconciliation reply {other}"
+                    )));
+                }
+            };
+            Message::ReconResponse { id, reply }
+        }
         other => return Err(WireError::UnknownTag(other)),
     };
     d.finish()?;
@@ -324,7 +546,8 @@ fn decode_payload(tag: u8, payload: &[u8]) -> Result<Message, WireError> {
 /// when that makes them smaller.
 pub fn encode_frame(message: &Message) -> Result<Vec<u8>, WireError> {
     let (tag, payload) = encode_payload(message);
-    let (flags, body) = if tag == TAG_BATCH && payload.len() >= COMPRESS_BYTES_MIN {
+    let compressible = matches!(tag, TAG_BATCH | TAG_RECON_REQUEST | TAG_RECON_RESPONSE);
+    let (flags, body) = if compressible && payload.len() >= COMPRESS_BYTES_MIN {
         if payload.len() > BATCH_RAW_BYTES_MAX {
             return Err(WireError::BatchTooLarge {
                 claimed: payload.len(),

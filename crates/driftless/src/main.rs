@@ -63,6 +63,29 @@ enum Command {
         #[arg(long, conflicts_with = "json")]
         watch: bool,
     },
+    /// Compare this node's tables with a peer's (exit 0 = in agreement, 1 = differences).
+    Diff {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The peer to compare with (the node must be running and linked to it).
+        #[arg(long)]
+        peer: String,
+        #[arg(long)]
+        table: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find and repair differences with a peer, through the merge rule (exit 0 when done).
+    Reconcile {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        peer: String,
+        #[arg(long)]
+        table: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Changes that could not be applied.
     Dlq {
         #[command(subcommand)]
@@ -216,6 +239,7 @@ fn print_json(value: &serde_json::Value) {
 }
 
 async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
+    let repair = matches!(cli.command, Command::Reconcile { .. });
     match cli.command {
         Command::Quickstart { dir, once } => {
             // the quickstart tells its own story; logs show only warnings unless asked
@@ -294,6 +318,50 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", ops::render_status(&status, running));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff {
+            config,
+            peer,
+            table,
+            json,
+        }
+        | Command::Reconcile {
+            config,
+            peer,
+            table,
+            json,
+        } => {
+            let config = Config::load(&config)?;
+            let addr = config.admin_addr.context(
+                "the node's [admin] addr is needed: diff and reconcile run in the running node",
+            )?;
+            let request = ops::request_reconcile(addr, &peer, table.as_deref(), repair);
+            tokio::pin!(request);
+            let started = std::time::Instant::now();
+            let show = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let report = loop {
+                tokio::select! {
+                    result = &mut request => break result.map_err(anyhow::Error::msg)?,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
+                        if show {
+                            eprint!("\r{} with {peer}... {} s", if repair { "reconciling" } else { "comparing" }, started.elapsed().as_secs());
+                        }
+                    }
+                }
+            };
+            if show {
+                eprint!("\r\x1b[K");
+            }
+            if json {
+                print_json(&serde_json::to_value(&report)?);
+            } else {
+                print!("{}", ops::render_reconcile(&report));
+            }
+            Ok(if !repair && report.found_differences() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Dlq { action } => {
             let (config, json) = match &action {

@@ -1,0 +1,509 @@
+//! Reconciliation between two linked nodes: find the rows whose merge states differ by comparing
+//! bucket fingerprints (three round trips for a handful of differences in millions of rows), then
+//! exchange those rows' full states and merge them on both sides. Repairs go through the merge
+//! rule, so they never overwrite a newer write. The protocol is in docs/reconciliation.md.
+
+use crate::node::Context;
+use crate::session::SessionError;
+use driftless_core::{NodeId, PrimaryKey, TableName};
+use driftless_store::fingerprint::FINE_PER_TOP;
+use driftless_store::{Store, StoreError};
+use driftless_wire::{Message, ReconReply, ReconRequest, encode_frame};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Fine buckets compared per `Items` request (bounds each message).
+const FINE_BUCKETS_PER_REQUEST: usize = 2_048;
+/// Keys whose states go in one `Repair` request.
+const KEYS_PER_REPAIR: usize = 2_000;
+/// How long one reconciliation step may wait for the peer.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Passes over a table before giving up on a difference that keeps coming back (writes racing
+/// the repair; the next run picks it up).
+const PASSES_MAX: usize = 3;
+/// Sample keys shown per table.
+const SAMPLES_MAX: usize = 10;
+/// Rows checked per local verification step.
+const VERIFY_CHUNK_ROWS: usize = 5_000;
+
+/// A live link that reconciliation can send requests over.
+#[derive(Debug, Clone)]
+pub struct LinkHandle {
+    pub peer: NodeId,
+    pub out: mpsc::Sender<Message>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<ReconReply>>>>,
+}
+
+impl LinkHandle {
+    pub fn new(peer: NodeId, out: mpsc::Sender<Message>) -> Self {
+        LinkHandle {
+            peer,
+            out,
+            pending: Arc::default(),
+        }
+    }
+
+    /// Routes a response to the request waiting for it.
+    pub fn deliver(&self, id: u64, reply: ReconReply) {
+        let waiter = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(reply);
+        }
+    }
+}
+
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Why a reconciliation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("not connected to peer {0}: reconciliation runs over a live link")]
+    NotConnected(String),
+    #[error("unknown table {0}")]
+    UnknownTable(String),
+    #[error("the link to the peer closed during reconciliation")]
+    LinkClosed,
+    #[error("the peer did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the peer refused: {0}")]
+    Refused(String),
+    #[error("the peer answered out of turn")]
+    Unexpected,
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// What a reconciliation of one table found and did.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct TableReport {
+    pub table: String,
+    /// Top-level ranges (buckets) compared, and how many differed.
+    pub ranges_compared: u64,
+    pub ranges_differing: u64,
+    /// Keys present here only, there only, or on both sides with different states.
+    pub keys_only_here: u64,
+    pub keys_only_there: u64,
+    pub keys_differing: u64,
+    pub sample_keys: Vec<String>,
+    /// Local rows whose content differed from their merge state (restored), or that had none
+    /// (adopted): drift behind driftless's back, found before comparing with the peer.
+    pub local_restored: u64,
+    pub local_adopted: u64,
+    /// Changes that had an effect here and on the peer.
+    pub repaired_here: u64,
+    pub repaired_there: u64,
+}
+
+/// A whole reconciliation run.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct ReconcileReport {
+    pub peer: String,
+    pub repair: bool,
+    pub tables: Vec<TableReport>,
+    pub round_trips: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub millis: u64,
+}
+
+impl ReconcileReport {
+    /// Whether any difference was found (the exit status of `driftless diff`).
+    pub fn found_differences(&self) -> bool {
+        self.tables.iter().any(|t| {
+            t.keys_only_here
+                + t.keys_only_there
+                + t.keys_differing
+                + t.local_restored
+                + t.local_adopted
+                > 0
+        })
+    }
+}
+
+struct Exchange<'a> {
+    link: &'a LinkHandle,
+    table: TableName,
+    report: &'a mut ReconcileReport,
+}
+
+impl Exchange<'_> {
+    async fn ask(&mut self, request: ReconRequest) -> Result<ReconReply, ReconcileError> {
+        let id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.link
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let message = Message::ReconRequest {
+            id,
+            table: self.table.clone(),
+            request,
+        };
+        self.report.bytes_sent += encode_frame(&message).map(|f| f.len() as u64).unwrap_or(0);
+        self.report.round_trips += 1;
+        if self.link.out.send(message).await.is_err() {
+            return Err(ReconcileError::LinkClosed);
+        }
+        let reply = match tokio::time::timeout(STEP_TIMEOUT, rx).await {
+            Err(_) => {
+                self.link
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                return Err(ReconcileError::Timeout(STEP_TIMEOUT));
+            }
+            Ok(Err(_)) => return Err(ReconcileError::LinkClosed),
+            Ok(Ok(reply)) => reply,
+        };
+        let echo = Message::ReconResponse { id, reply };
+        self.report.bytes_received += encode_frame(&echo).map(|f| f.len() as u64).unwrap_or(0);
+        let Message::ReconResponse { reply, .. } = echo else {
+            unreachable!()
+        };
+        if let ReconReply::Refused { reason } = reply {
+            return Err(ReconcileError::Refused(reason));
+        }
+        Ok(reply)
+    }
+}
+
+/// Reconciles `tables` (all synced tables if `None`) with the peer named `peer`. With `repair`,
+/// differences are repaired on both sides; without, they are only counted (`driftless diff`).
+pub async fn reconcile(
+    ctx: &Arc<Context>,
+    peer: &str,
+    table: Option<&str>,
+    repair: bool,
+    trigger: &str,
+) -> Result<ReconcileReport, ReconcileError> {
+    let started = Instant::now();
+    let link = ctx
+        .link(peer)
+        .ok_or_else(|| ReconcileError::NotConnected(peer.to_owned()))?;
+    let tables: Vec<TableName> = match table {
+        None => ctx.tables.iter().map(|(t, _)| t.clone()).collect(),
+        Some(name) => vec![
+            ctx.tables
+                .iter()
+                .map(|(t, _)| t.clone())
+                .find(|t| t.as_str() == name)
+                .ok_or_else(|| ReconcileError::UnknownTable(name.to_owned()))?,
+        ],
+    };
+    let mut report = ReconcileReport {
+        peer: peer.to_owned(),
+        repair,
+        ..ReconcileReport::default()
+    };
+    for table in tables {
+        let mut table_report = TableReport {
+            table: table.to_string(),
+            ..TableReport::default()
+        };
+        verify_locally(ctx, &table, repair, &mut table_report).await?;
+        for pass in 0..PASSES_MAX {
+            let mut exchange = Exchange {
+                link: &link,
+                table: table.clone(),
+                report: &mut report,
+            };
+            let found =
+                compare_and_repair(ctx, &mut exchange, &mut table_report, repair, pass == 0)
+                    .await?;
+            if !repair || !found {
+                break;
+            }
+        }
+        let m = &ctx.metrics;
+        let label = crate::telemetry::PeerTableLabel {
+            peer: peer.to_owned(),
+            table: table.to_string(),
+        };
+        let compared = table_report.ranges_compared.max(1) as f64;
+        m.convergence
+            .get_or_create(&label)
+            .set((compared - table_report.ranges_differing as f64) / compared);
+        let drift = table_report.local_restored + table_report.local_adopted;
+        if drift > 0 {
+            m.drift_incidents
+                .get_or_create(&crate::telemetry::TableLabel {
+                    table: table.to_string(),
+                })
+                .inc_by(drift);
+        }
+        report.tables.push(table_report);
+    }
+    ctx.metrics
+        .reconciliation_runs
+        .get_or_create(&crate::telemetry::TriggerLabel {
+            trigger: trigger.to_owned(),
+        })
+        .inc();
+    report.millis = started.elapsed().as_millis() as u64;
+    tracing::info!(
+        peer,
+        trigger,
+        repair,
+        differences = report.found_differences(),
+        round_trips = report.round_trips,
+        bytes_sent = report.bytes_sent,
+        bytes_received = report.bytes_received,
+        "reconciliation finished"
+    );
+    Ok(report)
+}
+
+/// Checks this replica's table content against its own merge state, chunk by chunk.
+pub async fn verify_locally(
+    ctx: &Context,
+    table: &TableName,
+    repair: bool,
+    report: &mut TableReport,
+) -> Result<(), ReconcileError> {
+    let mut after: Option<PrimaryKey> = None;
+    loop {
+        let t = table.clone();
+        let a = after.clone();
+        let chunk = ctx
+            .store
+            .call(move |s| s.verify_chunk(&t, a.as_ref(), VERIFY_CHUNK_ROWS, repair))
+            .await?;
+        report.local_restored += chunk.restored as u64;
+        report.local_adopted += chunk.adopted as u64;
+        if chunk.restored + chunk.adopted > 0 {
+            tracing::warn!(%table, restored = chunk.restored, adopted = chunk.adopted, repaired = repair,
+                "table content differs from driftless's merge state (written behind its back)");
+        }
+        match chunk.next {
+            Some(next) => after = Some(next),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// One pass: fingerprints, items, repairs. Returns whether differences were found.
+async fn compare_and_repair(
+    ctx: &Context,
+    exchange: &mut Exchange<'_>,
+    report: &mut TableReport,
+    repair: bool,
+    first_pass: bool,
+) -> Result<bool, ReconcileError> {
+    let table = exchange.table.clone();
+    let t = table.clone();
+    let tops = ctx.store.call(move |s| s.top_fingerprints(&t)).await?;
+    let ReconReply::Fine { buckets: theirs } = exchange
+        .ask(ReconRequest::Top {
+            fingerprints: tops.clone(),
+        })
+        .await?
+    else {
+        return Err(ReconcileError::Unexpected);
+    };
+    if first_pass {
+        report.ranges_compared = tops.len() as u64;
+        report.ranges_differing = theirs.len() as u64;
+    }
+    if theirs.is_empty() {
+        return Ok(false);
+    }
+    let top_ids: Vec<u32> = theirs.iter().map(|(top, _)| *top).collect();
+    let t = table.clone();
+    let mine = ctx
+        .store
+        .call(move |s| s.fine_fingerprints(&t, &top_ids))
+        .await?;
+    let mine: BTreeMap<u32, Vec<i64>> = mine.into_iter().collect();
+    let mut differing_fine = Vec::new();
+    for (top, their_fps) in &theirs {
+        let Some(my_fps) = mine.get(top) else {
+            continue;
+        };
+        for (i, (a, b)) in my_fps.iter().zip(their_fps).enumerate() {
+            if a != b {
+                differing_fine.push(top * FINE_PER_TOP as u32 + i as u32);
+            }
+        }
+    }
+    let mut found = false;
+    for chunk in differing_fine.chunks(FINE_BUCKETS_PER_REQUEST) {
+        let buckets = chunk.to_vec();
+        let t = table.clone();
+        let b = buckets.clone();
+        let items = ctx.store.call(move |s| s.bucket_items(&t, &b)).await?;
+        let ReconReply::Rows {
+            wanted,
+            differing,
+            only_here,
+            changes,
+        } = exchange
+            .ask(ReconRequest::Items {
+                buckets,
+                items,
+                repair,
+            })
+            .await?
+        else {
+            return Err(ReconcileError::Unexpected);
+        };
+        // "only_here" from the responder's view is "only there" from ours
+        if first_pass {
+            report.keys_only_here += wanted.len() as u64;
+            report.keys_only_there += only_here.len() as u64;
+            report.keys_differing += differing.len() as u64;
+            for key in wanted.iter().chain(&differing).chain(&only_here) {
+                if report.sample_keys.len() < SAMPLES_MAX {
+                    report.sample_keys.push(key.to_string());
+                }
+            }
+        }
+        found |= !(wanted.is_empty() && differing.is_empty() && only_here.is_empty());
+        if !repair {
+            continue;
+        }
+        // Merge their states here first; ours are then the join, which we send back.
+        for part in changes.chunks(driftless_store::APPLY_BATCH_CHANGES_MAX) {
+            let peer = exchange.link.peer;
+            let part = part.to_vec();
+            let applied = ctx.store.call(move |s| s.apply_repair(peer, &part)).await?;
+            report.repaired_here += applied.applied as u64;
+        }
+        let send: Vec<PrimaryKey> = wanted
+            .into_iter()
+            .chain(differing)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for keys in send.chunks(KEYS_PER_REPAIR) {
+            let t = table.clone();
+            let keys = keys.to_vec();
+            let changes = ctx.store.call(move |s| s.row_changes(&t, &keys)).await?;
+            for part in changes.chunks(driftless_store::APPLY_BATCH_CHANGES_MAX) {
+                let ReconReply::Repaired { applied } = exchange
+                    .ask(ReconRequest::Repair {
+                        changes: part.to_vec(),
+                    })
+                    .await?
+                else {
+                    return Err(ReconcileError::Unexpected);
+                };
+                report.repaired_there += applied;
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Serves one reconciliation request from a peer.
+pub async fn respond(
+    ctx: &Context,
+    peer: NodeId,
+    table: TableName,
+    request: ReconRequest,
+) -> ReconReply {
+    match respond_inner(ctx, peer, table, request).await {
+        Ok(reply) => reply,
+        Err(e) => ReconReply::Refused {
+            reason: e.to_string(),
+        },
+    }
+}
+
+async fn respond_inner(
+    ctx: &Context,
+    peer: NodeId,
+    table: TableName,
+    request: ReconRequest,
+) -> Result<ReconReply, SessionError> {
+    Ok(match request {
+        ReconRequest::Top { fingerprints } => {
+            let t = table.clone();
+            let mine = ctx.store.call(move |s| s.top_fingerprints(&t)).await?;
+            if mine.len() != fingerprints.len() {
+                return Ok(ReconReply::Refused {
+                    reason: format!(
+                        "expected {} top fingerprints, got {}",
+                        mine.len(),
+                        fingerprints.len()
+                    ),
+                });
+            }
+            let differing: Vec<u32> = (0..mine.len() as u32)
+                .filter(|&i| mine[i as usize] != fingerprints[i as usize])
+                .collect();
+            let buckets = ctx
+                .store
+                .call(move |s| s.fine_fingerprints(&table, &differing))
+                .await?;
+            ReconReply::Fine { buckets }
+        }
+        ReconRequest::Items {
+            buckets,
+            items,
+            repair,
+        } => {
+            let t = table.clone();
+            let mine = ctx
+                .store
+                .call(move |s| s.bucket_items(&t, &buckets))
+                .await?;
+            let mine: HashMap<PrimaryKey, i64> = mine.into_iter().map(|(_, k, h)| (k, h)).collect();
+            let theirs: HashMap<&PrimaryKey, i64> = items.iter().map(|(_, k, h)| (k, *h)).collect();
+            let mut wanted = Vec::new();
+            let mut differing = Vec::new();
+            for (key, hash) in &theirs {
+                match mine.get(*key) {
+                    None => wanted.push((*key).clone()),
+                    Some(h) if h != hash => differing.push((*key).clone()),
+                    Some(_) => {}
+                }
+            }
+            let only_here: Vec<PrimaryKey> = mine
+                .keys()
+                .filter(|k| !theirs.contains_key(k))
+                .cloned()
+                .collect();
+            wanted.sort();
+            differing.sort();
+            let mut only_here = only_here;
+            only_here.sort();
+            let changes = if repair {
+                let keys: Vec<PrimaryKey> = differing.iter().chain(&only_here).cloned().collect();
+                let mut changes = ctx
+                    .store
+                    .call(move |s| s.row_changes(&table, &keys))
+                    .await?;
+                // bounded per message; a later pass picks up the rest
+                changes.truncate(driftless_store::APPLY_BATCH_CHANGES_MAX);
+                changes
+            } else {
+                Vec::new()
+            };
+            ReconReply::Rows {
+                wanted,
+                differing,
+                only_here,
+                changes,
+            }
+        }
+        ReconRequest::Repair { changes } => {
+            let report = ctx
+                .store
+                .call(move |s| s.apply_repair(peer, &changes))
+                .await?;
+            ReconReply::Repaired {
+                applied: report.applied as u64,
+            }
+        }
+    })
+}

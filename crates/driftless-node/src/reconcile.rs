@@ -111,7 +111,9 @@ pub struct ReconcileReport {
     pub round_trips: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Total wall time, and the part spent on the local check (reading the whole table).
     pub millis: u64,
+    pub local_check_millis: u64,
 }
 
 impl ReconcileReport {
@@ -210,7 +212,9 @@ pub async fn reconcile(
             table: table.to_string(),
             ..TableReport::default()
         };
+        let check_started = Instant::now();
         verify_locally(ctx, &table, repair, &mut table_report).await?;
+        report.local_check_millis += check_started.elapsed().as_millis() as u64;
         for pass in 0..PASSES_MAX {
             let mut exchange = Exchange {
                 link: &link,

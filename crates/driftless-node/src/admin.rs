@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use driftless_store::Store;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
@@ -49,14 +49,10 @@ pub async fn node_status(ctx: &Context) -> Result<NodeStatus, driftless_store::S
     let (head, pending, held, tables) = ctx
         .store
         .call(|s| {
-            let held: i64 = s
-                .connection()
-                .query_row("SELECT count(*) FROM _driftless_held", [], |r| r.get(0))
-                .map_err(|e| driftless_store::StoreError::Database(e.to_string()))?;
             Ok((
                 s.log_head()?,
                 s.pending_local_writes()?,
-                held as u64,
+                s.held_count()?,
                 s.table_stats()?,
             ))
         })

@@ -1,8 +1,9 @@
-//! Content digests of synced tables, read straight from a SQLite file: equal digests mean equal
-//! rows. Used by the quickstart and tests to show convergence.
+//! Content digests of synced tables read straight from a SQLite file (read-only, without opening
+//! it as a store): the same canonical digest the stores compute (`driftless_store::digest`), so
+//! equal digests mean equal rows. Used by the quickstart and by tests to show convergence.
 
-use driftless_core::Value;
-use driftless_core::codec::Encoder;
+use driftless_core::{KeyPart, PrimaryKey, Value};
+use driftless_store::digest::ContentDigest;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::path::Path;
 pub struct TableDigest {
     pub table: String,
     pub rows: u64,
-    /// BLAKE3 of every row in primary-key order, first 16 hex digits.
+    /// The first 8 bytes of the digest, in hex.
     pub digest: String,
 }
 
@@ -20,29 +21,20 @@ fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+fn value(v: ValueRef<'_>) -> Value {
+    match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Integer(i),
+        ValueRef::Real(r) => Value::Real(r),
+        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+    }
+}
+
 /// Digests of `tables` in the database at `path` (opened read-only).
 pub fn table_digests(path: &Path, tables: &[&str]) -> rusqlite::Result<Vec<TableDigest>> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    Ok(table_digests_raw(&conn, tables)?
-        .into_iter()
-        .map(|(table, rows, digest)| TableDigest {
-            table,
-            rows,
-            digest: hex(&digest),
-        })
-        .collect())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
-}
-
-/// `(table, rows, 16-byte digest)` of each table, read through `conn`.
-pub fn table_digests_raw(
-    conn: &Connection,
-    tables: &[&str],
-) -> rusqlite::Result<Vec<(String, u64, [u8; 16])>> {
     let mut out = Vec::new();
     for table in tables {
         let mut info = conn.prepare(&format!("PRAGMA table_info({})", quote(table)))?;
@@ -53,35 +45,53 @@ pub fn table_digests_raw(
             .filter(|(pk, _)| *pk > 0)
             .collect();
         keys.sort();
-        let order = keys
+        let key_names: Vec<String> = keys.into_iter().map(|(_, k)| k).collect();
+        let order = key_names
             .iter()
-            .map(|(_, k)| quote(k))
+            .map(|k| quote(k))
             .collect::<Vec<_>>()
             .join(", ");
         let mut stmt = conn.prepare(&format!("SELECT * FROM {} ORDER BY {order}", quote(table)))?;
-        let columns = stmt.column_count();
+        let columns: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
         let mut rows = stmt.query([])?;
-        let mut hasher = blake3::Hasher::new();
-        let mut count = 0;
+        let mut digest = ContentDigest::new();
         while let Some(row) = rows.next()? {
-            let mut e = Encoder::new();
-            for i in 0..columns {
-                let value = match row.get_ref(i)? {
-                    ValueRef::Null => Value::Null,
-                    ValueRef::Integer(v) => Value::Integer(v),
-                    ValueRef::Real(v) => Value::Real(v),
-                    ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
-                    ValueRef::Blob(b) => Value::Blob(b.to_vec()),
-                };
-                e.value(&value);
+            let mut parts = Vec::new();
+            let mut cells = Vec::new();
+            for (i, column) in columns.iter().enumerate() {
+                let v = value(row.get_ref(i)?);
+                if key_names.contains(column) {
+                    parts.push(match v {
+                        Value::Integer(i) => KeyPart::Integer(i),
+                        Value::Text(t) => KeyPart::Text(t),
+                        Value::Blob(b) => KeyPart::Blob(b),
+                        _ => continue,
+                    });
+                } else {
+                    cells.push((column.as_str(), v));
+                }
             }
-            hasher.update(&e.finish());
-            count += 1;
+            // key columns were read in declaration order; the key needs primary-key order
+            let mut ordered = Vec::with_capacity(parts.len());
+            for name in &key_names {
+                let position = columns
+                    .iter()
+                    .filter(|c| key_names.contains(c))
+                    .position(|c| c == name);
+                if let Some(p) = position.and_then(|p| parts.get(p)) {
+                    ordered.push(p.clone());
+                }
+            }
+            if let Ok(key) = PrimaryKey::from_parts(&ordered) {
+                digest.add_row(&key, &cells);
+            }
         }
-        let digest: [u8; 16] = hasher.finalize().as_bytes()[..16]
-            .try_into()
-            .expect("16 of 32 bytes");
-        out.push(((*table).to_owned(), count, digest));
+        let (rows, hash) = digest.finish();
+        out.push(TableDigest {
+            table: (*table).to_owned(),
+            rows,
+            digest: hash.iter().take(8).map(|b| format!("{b:02x}")).collect(),
+        });
     }
     Ok(out)
 }

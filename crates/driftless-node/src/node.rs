@@ -5,10 +5,11 @@
 use crate::config::{PeerSection, ResolvedConfig};
 use crate::session::{Expect, SessionError, run_session};
 use crate::status::PeerRegistry;
+use crate::store_handle::DynStore;
 use crate::store_handle::StoreHandle;
 use driftless_core::{NodeId, SchemaFingerprint, TableName};
 use driftless_sqlite::{SqliteOptions, SqliteStore};
-use driftless_store::{CAPTURE_BATCH_ROWS_MAX, CompactionPolicy, LogSeq, Store, StoreError};
+use driftless_store::{CAPTURE_BATCH_ROWS_MAX, CompactionPolicy, LogSeq, StoreError};
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -148,7 +149,7 @@ impl Context {
 }
 
 /// Opens the node's store as configured.
-pub fn open_store(config: &ResolvedConfig) -> Result<SqliteStore, NodeError> {
+pub fn open_store(config: &ResolvedConfig) -> Result<DynStore, NodeError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -162,7 +163,7 @@ pub fn open_store(config: &ResolvedConfig) -> Result<SqliteStore, NodeError> {
     let mut options = SqliteOptions::new(config.tables.clone());
     options.node_id = Some(config.node_id);
     options.max_clock_offset = config.max_clock_offset;
-    Ok(SqliteStore::open(&config.sqlite_path, options)?)
+    Ok(Box::new(SqliteStore::open(&config.sqlite_path, options)?))
 }
 
 /// Runs a node until `shutdown` completes. On shutdown, links say goodbye, the batch being
@@ -268,7 +269,7 @@ pub async fn run(
     }
 }
 
-/// The capture poller: notices commits by other connections (SQLite's `data_version` changes),
+/// The capture poller: notices commits by other connections (the store's commit token changes),
 /// stamps them, and wakes the senders. Also releases held changes and compacts the log.
 fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
     let sync = &ctx.config.file.sync;
@@ -288,7 +289,7 @@ fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
     while !*ctx.shutdown.borrow() {
         skew.poll();
         let result = ctx.store.call_blocking(|s| {
-            let version = s.data_version()?;
+            let version = s.commit_token()?;
             if seen_version != Some(version) {
                 seen_version = Some(version);
                 loop {

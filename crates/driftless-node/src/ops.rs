@@ -4,7 +4,7 @@
 use crate::config::ResolvedConfig;
 use crate::node::{NodeError, open_store};
 use crate::status::{NodeStatus, TableStatus};
-use driftless_store::{DeadLetter, DeadLetterId, Store, StoredConflict};
+use driftless_store::{DeadLetter, DeadLetterId, StoredConflict};
 use serde_json::json;
 use std::fmt::Write as _;
 use std::net::SocketAddr;

@@ -6,8 +6,8 @@
 use crate::node::Context;
 use crate::session::SessionError;
 use driftless_core::{NodeId, PrimaryKey, TableName};
+use driftless_store::StoreError;
 use driftless_store::fingerprint::FINE_PER_TOP;
-use driftless_store::{Store, StoreError};
 use driftless_wire::{Message, ReconReply, ReconRequest, encode_frame};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};

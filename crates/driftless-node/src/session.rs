@@ -3,7 +3,7 @@
 
 use crate::node::Context;
 use driftless_core::{Clock, NodeId};
-use driftless_store::{LogSeq, PeerLogState, Store, StoreError, SystemClock};
+use driftless_store::{LogSeq, PeerLogState, StoreError, SystemClock};
 use driftless_wire::{
     Batch, BatchKind, Hello, Message, PROTOCOL_VERSION, WireError, read_message, write_message,
 };
@@ -487,26 +487,21 @@ async fn my_digests(
     ctx: &Context,
     peer: NodeId,
 ) -> Result<(LogSeq, LogSeq, Vec<driftless_wire::TableDigestWire>), SessionError> {
-    let tables: Vec<String> = ctx.tables.iter().map(|(t, _)| t.to_string()).collect();
     let names: Vec<driftless_core::TableName> = ctx.tables.iter().map(|(t, _)| t.clone()).collect();
     Ok(ctx
         .store
         .call(move |s| {
             let head = s.log_head()?;
             let cursor = s.cursor(peer)?;
-            let refs: Vec<&str> = tables.iter().map(String::as_str).collect();
-            let raw = crate::digest::table_digests_raw(s.connection(), &refs)
-                .map_err(|e| StoreError::Database(e.to_string()))?;
-            let digests = raw
+            let digests = s
+                .content_digests()?
                 .into_iter()
-                .zip(names)
-                .map(
-                    |((_, rows, digest), table)| driftless_wire::TableDigestWire {
-                        table,
-                        rows,
-                        digest,
-                    },
-                )
+                .filter(|(table, _, _)| names.contains(table))
+                .map(|(table, rows, digest)| driftless_wire::TableDigestWire {
+                    table,
+                    rows,
+                    digest,
+                })
                 .collect();
             Ok((head, cursor, digests))
         })

@@ -1,18 +1,26 @@
 //! Shared access to the node's store from async tasks: one store, one lock, blocking calls on
 //! tokio's blocking pool so they never stall the network tasks.
 
-use driftless_sqlite::SqliteStore;
-use driftless_store::StoreError;
+use driftless_store::{Store, StoreError};
 use std::sync::{Arc, Mutex};
 
+/// The node's store, whatever its kind.
+pub type DynStore = Box<dyn Store + Send>;
+
 /// A cheaply cloneable handle to the node's store.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct StoreHandle {
-    inner: Arc<Mutex<SqliteStore>>,
+    inner: Arc<Mutex<DynStore>>,
+}
+
+impl std::fmt::Debug for StoreHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreHandle")
+    }
 }
 
 impl StoreHandle {
-    pub fn new(store: SqliteStore) -> Self {
+    pub fn new(store: DynStore) -> Self {
         StoreHandle {
             inner: Arc::new(Mutex::new(store)),
         }
@@ -23,14 +31,14 @@ impl StoreHandle {
     /// still runs to completion (or never starts).
     pub async fn call<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut SqliteStore) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut dyn Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let mut store = inner
                 .lock()
                 .map_err(|_| StoreError::Database("store lock poisoned by a panic".into()))?;
-            f(&mut store)
+            f(store.as_mut())
         })
         .await
         .map_err(|e| StoreError::Database(format!("store task failed: {e}")))?
@@ -39,12 +47,12 @@ impl StoreHandle {
     /// Same, from a plain thread.
     pub fn call_blocking<T>(
         &self,
-        f: impl FnOnce(&mut SqliteStore) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut dyn Store) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut store = self
             .inner
             .lock()
             .map_err(|_| StoreError::Database("store lock poisoned by a panic".into()))?;
-        f(&mut store)
+        f(store.as_mut())
     }
 }

@@ -332,6 +332,22 @@ impl<C: Clock> Store for SqliteStore<C> {
         self.table_stats_impl()
     }
 
+    fn commit_token(&mut self) -> Result<u64, StoreError> {
+        Ok(self.data_version()? as u64)
+    }
+
+    fn held_count(&mut self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM _driftless_held", [], |r| r.get(0))
+            .map_err(db)?;
+        Ok(n as u64)
+    }
+
+    fn content_digests(&mut self) -> Result<Vec<(TableName, u64, [u8; 16])>, StoreError> {
+        self.content_digests_impl()
+    }
+
     fn top_fingerprints(&mut self, table: &TableName) -> Result<Vec<i64>, StoreError> {
         self.top_fingerprints_impl(table)
     }

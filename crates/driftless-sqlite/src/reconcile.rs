@@ -362,3 +362,55 @@ impl<C: Clock> SqliteStore<C> {
         Ok(())
     }
 }
+
+impl<C: Clock> SqliteStore<C> {
+    pub(crate) fn content_digests_impl(
+        &mut self,
+    ) -> Result<Vec<(TableName, u64, [u8; 16])>, StoreError> {
+        let mut out = Vec::new();
+        for synced in self.synced.clone() {
+            let schema = &synced.schema;
+            let keys = schema.key_columns();
+            let key_list = keys
+                .iter()
+                .map(|c| quote_ident(c.name.as_str()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let values: Vec<&str> = schema.value_columns().map(|c| c.name.as_str()).collect();
+            let value_list: String = values
+                .iter()
+                .map(|c| format!(", {}", quote_ident(c)))
+                .collect();
+            // SQLite's key order (BINARY collation) equals PrimaryKey byte order
+            let sql = format!(
+                "SELECT {key_list}{value_list} FROM {} ORDER BY {key_list}",
+                quote_ident(schema.name.as_str())
+            );
+            let mut stmt = self.conn.prepare(&sql).map_err(db)?;
+            let mut rows = stmt.query([]).map_err(db)?;
+            let mut digest = driftless_store::digest::ContentDigest::new();
+            while let Some(row) = rows.next().map_err(db)? {
+                let mut parts = Vec::with_capacity(keys.len());
+                for i in 0..keys.len() {
+                    match key_part_from_sql(row.get_ref(i).map_err(db)?) {
+                        Ok(p) => parts.push(p),
+                        Err(_) => continue,
+                    }
+                }
+                let Ok(key) = PrimaryKey::from_parts(&parts) else {
+                    continue;
+                };
+                let mut cells = Vec::with_capacity(values.len());
+                for (i, column) in values.iter().enumerate() {
+                    let value = crate::rowio::from_sql(row.get_ref(keys.len() + i).map_err(db)?)
+                        .unwrap_or(Value::Null);
+                    cells.push((*column, value));
+                }
+                digest.add_row(&key, &cells);
+            }
+            let (rows, hash) = digest.finish();
+            out.push((schema.name.clone(), rows, hash));
+        }
+        Ok(out)
+    }
+}

@@ -5,6 +5,7 @@
 //! or async runtimes. It depends on `driftless-core` only (plus the OS random source for node ids).
 
 mod clock;
+pub mod digest;
 pub mod fingerprint;
 mod types;
 
@@ -101,6 +102,17 @@ pub trait Store {
 
     /// Per-table counts for status displays.
     fn table_stats(&mut self) -> Result<Vec<TableStats>, StoreError>;
+
+    /// A value that changes whenever another connection may have committed writes to the store
+    /// (SQLite: `PRAGMA data_version`). The node polls it to stamp and ship foreign writes fast.
+    fn commit_token(&mut self) -> Result<u64, StoreError>;
+
+    /// Number of changes held because they were stamped too far ahead.
+    fn held_count(&mut self) -> Result<u64, StoreError>;
+
+    /// Content digest of every synced table ([`digest::ContentDigest`]): equal across replicas,
+    /// in any store, exactly when the tables hold equal rows.
+    fn content_digests(&mut self) -> Result<Vec<(TableName, u64, [u8; 16])>, StoreError>;
 
     /// Reconciliation: the fingerprint of each top bucket of `table`
     /// ([`fingerprint::TOP_BUCKETS`] entries, 0 for an empty bucket).

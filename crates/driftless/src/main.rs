@@ -4,7 +4,7 @@
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use driftless_node::{Config, Listeners, ops};
-use driftless_store::{LISTING_ROWS_MAX, Store};
+use driftless_store::LISTING_ROWS_MAX;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -165,9 +165,12 @@ impl<C: Clock> SqliteStore<C> {
             Effect::Applied => {
                 let recreate =
                     was_live && state.is_live() && before_length != state.causal_length();
-                self.conn
-                    .execute_batch("SAVEPOINT driftless_apply")
-                    .map_err(db)?;
+                // A failing statement (constraint violation) is backed out by SQLite on its own
+                // and the transaction stays usable, so a single-statement row write needs no
+                // savepoint; only the two-statement recreate (delete, then insert) does.
+                if recreate {
+                    self.run_cached("SAVEPOINT driftless_apply")?;
+                }
                 let written = write_user_row(
                     &self.conn,
                     &synced,
@@ -176,17 +179,18 @@ impl<C: Clock> SqliteStore<C> {
                     recreate,
                 );
                 if let Err(reason) = written {
-                    self.conn
-                        .execute_batch("ROLLBACK TO driftless_apply; RELEASE driftless_apply")
-                        .map_err(db)?;
+                    if recreate {
+                        self.run_cached("ROLLBACK TO driftless_apply")?;
+                        self.run_cached("RELEASE driftless_apply")?;
+                    }
                     return Ok(Err(Refusal::Dead(
                         DeadLetterReason::Constraint,
                         format!("cannot write {} {}: {reason}", change.table, change.key),
                     )));
                 }
-                self.conn
-                    .execute_batch("RELEASE driftless_apply")
-                    .map_err(db)?;
+                if recreate {
+                    self.run_cached("RELEASE driftless_apply")?;
+                }
                 save_state(&self.conn, table, &change.key, old_hash, &state)?;
                 append_log(&self.conn, change)?;
                 report.applied += 1;
@@ -200,6 +204,14 @@ impl<C: Clock> SqliteStore<C> {
             self.retry_row_dead_letters(change, report)?;
         }
         Ok(Ok(()))
+    }
+
+    fn run_cached(&self, sql: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map(|_| ())
+            .map_err(db)
     }
 
     /// Stores conflicts in the ledger (each once). Returns the ones that were new.

@@ -12,12 +12,12 @@ use crate::meta::KEY_COLUMNS_MAX;
 use crate::rowio::{
     append_log, key_part_from_sql, load_state, read_user_row, save_state, write_user_row,
 };
-use crate::schema::{OP_DELETE, Synced, db};
+use crate::schema::{OP_DELETE, OP_UPDATE, Synced, db};
 use crate::store::SqliteStore;
-use driftless_core::{Change, Clock, ColumnName, PrimaryKey, RowState, Value, Version};
+use driftless_core::{Clock, PrimaryKey, Version};
+use driftless_store::capture::{self, CapturedOp, Stamp};
 use driftless_store::{CaptureReport, StoreError};
 use rusqlite::params;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 struct Pending {
@@ -137,49 +137,20 @@ impl<C: Clock> SqliteStore<C> {
             }
             Err(e) => return Err(e),
         };
-        let change = match (op, &current) {
-            (OP_DELETE, _) if state.is_live() => Some(self.make(|v| {
-                state
-                    .local_delete(table, key, v, schema.fingerprint)
-                    .map_err(|e| e.to_string())
-            })?),
-            (OP_DELETE, _) => None,
-            // The row is gone again; the delete's own record follows in the queue.
-            (_, None) => None,
-            (_, Some(row)) if !state.is_live() => Some(self.make(|v| {
-                state
-                    .local_insert(
-                        table,
-                        key,
-                        v,
-                        row.clone(),
-                        &schema.rules,
-                        schema.fingerprint,
-                    )
-                    .map_err(|e| e.to_string())
-            })?),
-            (_, Some(row)) => {
-                let visible = state.visible().unwrap_or_default();
-                let changed: Vec<(ColumnName, Value)> = row
-                    .iter()
-                    .filter(|(c, v)| visible.get(c).unwrap_or(&Value::Null) != v)
-                    .cloned()
-                    .collect();
-                if changed.is_empty() {
-                    None
-                } else {
-                    Some(self.make(|v| {
-                        state
-                            .local_update(table, key, v, changed, &schema.rules, schema.fingerprint)
-                            .map_err(|e| e.to_string())
-                    })?)
-                }
-            }
+        let op = match op {
+            OP_DELETE => CapturedOp::Delete,
+            OP_UPDATE => CapturedOp::Update,
+            _ => CapturedOp::Insert,
         };
-        let Some(change) = change else { return Ok(()) };
-        let change = match change {
-            Ok(change) => change,
-            Err(reason) => {
+        let stamp = capture::plan(op, &state, current.as_deref());
+        if stamp == Stamp::Nothing {
+            return Ok(());
+        }
+        let version = Version::new(self.hlc.now()?, self.node);
+        let change = match capture::build(stamp, &state, schema, key, version) {
+            None => return Ok(()),
+            Some(Ok(change)) => change,
+            Some(Err(reason)) => {
                 self.dead_letter_local(
                     table.as_str(),
                     &format!("local write to {table} {key}: {reason}"),
@@ -194,7 +165,7 @@ impl<C: Clock> SqliteStore<C> {
         self.record_conflicts(&outcome.conflicts)?;
         // A local write can lose at once (priority, max, min columns): set the row back to the
         // winning values so the table shows what every replica will converge to.
-        if !change.is_delete() && !matches_row(&state, current.as_ref()) {
+        if !change.is_delete() && !capture::matches_row(&state, current.as_deref()) {
             write_user_row(&self.conn, synced, key, state.visible().as_ref(), false).map_err(
                 |reason| StoreError::Schema {
                     table: table.to_string(),
@@ -209,15 +180,6 @@ impl<C: Clock> SqliteStore<C> {
         Ok(())
     }
 
-    /// Builds a change with a fresh version from the HLC.
-    fn make(
-        &mut self,
-        build: impl FnOnce(Version) -> Result<Change, String>,
-    ) -> Result<Result<Change, String>, StoreError> {
-        let version = Version::new(self.hlc.now()?, self.node);
-        Ok(build(version))
-    }
-
     pub(crate) fn dead_letter_local(&self, table: &str, reason: &str) -> Result<(), StoreError> {
         self.conn
             .execute(
@@ -226,18 +188,5 @@ impl<C: Clock> SqliteStore<C> {
             )
             .map_err(db)?;
         Ok(())
-    }
-}
-
-/// Whether the user row shows exactly the state's visible values.
-fn matches_row(state: &RowState, row: Option<&Vec<(ColumnName, Value)>>) -> bool {
-    match (state.visible(), row) {
-        (None, None) => true,
-        (Some(visible), Some(row)) => {
-            let visible: &BTreeMap<ColumnName, Value> = &visible;
-            row.iter()
-                .all(|(c, v)| visible.get(c).unwrap_or(&Value::Null) == v)
-        }
-        _ => false,
     }
 }

@@ -4,6 +4,7 @@
 //! Architecture invariant: this crate knows nothing about any particular database, the network
 //! or async runtimes. It depends on `driftless-core` only (plus the OS random source for node ids).
 
+pub mod capture;
 mod clock;
 pub mod digest;
 pub mod fingerprint;

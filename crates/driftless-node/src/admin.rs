@@ -60,7 +60,7 @@ pub async fn node_status(ctx: &Context) -> Result<NodeStatus, driftless_store::S
     Ok(NodeStatus {
         name: ctx.name.clone(),
         node_id: ctx.node_id.to_string(),
-        store: ctx.config.sqlite_path.display().to_string(),
+        store: ctx.config.store.describe(),
         log_head: head.0,
         pending_local_writes: pending,
         held_changes: held,

@@ -47,12 +47,58 @@ fn default_max_clock_offset_ms() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
-    /// `sqlite` (PostgreSQL arrives with its adapter).
+    /// `sqlite` or `postgres`.
     pub kind: String,
     /// SQLite database file.
     pub path: Option<PathBuf>,
-    /// PostgreSQL connection URL (not supported by this build yet).
+    /// PostgreSQL connection string (`postgres://user@host/db` or `host=... dbname=...`).
     pub url: Option<String>,
+    /// PostgreSQL: the schema holding the synced tables.
+    pub schema: Option<String>,
+    /// PostgreSQL: the schema driftless keeps its metadata in.
+    pub driftless_schema: Option<String>,
+}
+
+/// Where the node's data lives, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Sqlite {
+        path: PathBuf,
+    },
+    Postgres {
+        url: String,
+        schema: String,
+        driftless_schema: String,
+    },
+}
+
+impl StoreLocation {
+    /// For display: the SQLite path, or the PostgreSQL URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreLocation::Sqlite { path } => path.display().to_string(),
+            StoreLocation::Postgres { url, .. } => redact_password(url),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`; `password=secret` -> `password=***`.
+pub fn redact_password(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((userinfo, host)) = rest.split_once('@')
+            && let Some((user, _)) = userinfo.split_once(':')
+        {
+            return format!("{scheme}://{user}:***@{host}");
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(|part| match part.split_once('=') {
+            Some(("password", _)) => "password=***".to_owned(),
+            _ => part.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `[[tables]]`: a synced table.
@@ -197,7 +243,7 @@ pub struct ResolvedConfig {
     pub path: PathBuf,
     pub node_id: NodeId,
     pub data_dir: PathBuf,
-    pub sqlite_path: PathBuf,
+    pub store: StoreLocation,
     pub tables: Vec<TableConfig>,
     pub max_clock_offset: Duration,
     pub listen_addr: Option<SocketAddr>,
@@ -251,26 +297,56 @@ impl Config {
                 ),
             ));
         }
-        let sqlite_path = match self.store.kind.as_str() {
-            "sqlite" => match &self.store.path {
-                Some(p) => absolute(p),
-                None => {
+        let store = match self.store.kind.as_str() {
+            "sqlite" => {
+                if self.store.url.is_some()
+                    || self.store.schema.is_some()
+                    || self.store.driftless_schema.is_some()
+                {
                     return Err(invalid(
-                        "store.path",
-                        "required when kind = \"sqlite\"".into(),
+                        "store",
+                        "url, schema and driftless_schema are for kind = \"postgres\"".into(),
                     ));
                 }
-            },
+                match &self.store.path {
+                    Some(p) => StoreLocation::Sqlite { path: absolute(p) },
+                    None => {
+                        return Err(invalid(
+                            "store.path",
+                            "required when kind = \"sqlite\"".into(),
+                        ));
+                    }
+                }
+            }
             "postgres" => {
-                return Err(invalid(
-                    "store.kind",
-                    "\"postgres\" is not supported by this build yet; use \"sqlite\"".into(),
-                ));
+                if self.store.path.is_some() {
+                    return Err(invalid(
+                        "store.path",
+                        "is for kind = \"sqlite\"; use url".into(),
+                    ));
+                }
+                match &self.store.url {
+                    Some(url) if !url.trim().is_empty() => StoreLocation::Postgres {
+                        url: url.clone(),
+                        schema: self.store.schema.clone().unwrap_or_else(|| "public".into()),
+                        driftless_schema: self
+                            .store
+                            .driftless_schema
+                            .clone()
+                            .unwrap_or_else(|| "driftless".into()),
+                    },
+                    _ => {
+                        return Err(invalid(
+                            "store.url",
+                            "required when kind = \"postgres\"".into(),
+                        ));
+                    }
+                }
             }
             other => {
                 return Err(invalid(
                     "store.kind",
-                    format!("unknown store kind {other:?}; expected \"sqlite\""),
+                    format!("unknown store kind {other:?}; expected \"sqlite\" or \"postgres\""),
                 ));
             }
         };
@@ -410,7 +486,7 @@ impl Config {
         let mut resolved = ResolvedConfig {
             node_id: node_id_from_name(&self.node.name),
             data_dir: absolute(&self.node.data_dir),
-            sqlite_path,
+            store,
             tables,
             max_clock_offset: Duration::from_millis(self.node.max_clock_offset_ms),
             listen_addr,
@@ -451,6 +527,10 @@ data_dir = "./edge-1"              # driftless's own state
 [store]
 kind = "sqlite"
 path = "./edge-1/app.db"           # your database file; driftless adds _driftless_* tables to it
+# kind = "postgres"                # or PostgreSQL (see docs/postgres.md for the grants):
+# url = "postgres://driftless@localhost/app"
+# schema = "public"                # where the synced tables are
+# driftless_schema = "driftless"   # where driftless keeps its metadata
 
 [[tables]]
 name = "items"
@@ -500,7 +580,12 @@ mod tests {
     fn the_example_parses() {
         let c = parse(EXAMPLE).unwrap();
         assert_eq!(c.file.node.name, "edge-1");
-        assert_eq!(c.sqlite_path, Path::new("/etc/driftless/./edge-1/app.db"));
+        assert_eq!(
+            c.store,
+            StoreLocation::Sqlite {
+                path: "/etc/driftless/./edge-1/app.db".into()
+            }
+        );
         assert_eq!(c.tables[0].column_kinds[0].1, ColumnKind::Counter);
         assert_eq!(c.node_id, node_id_from_name("edge-1"));
     }
@@ -513,7 +598,12 @@ mod tests {
         );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("unknown field `insecur`"), "{err}");
-        assert!(err.contains("line 20"), "{err}");
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("insecur "))
+            .unwrap()
+            + 1;
+        assert!(err.contains(&format!("line {line}")), "{err}");
     }
 
     #[test]
@@ -544,5 +634,32 @@ mod tests {
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+
+    #[test]
+    fn postgres_stores_are_configured_by_url_and_passwords_never_shown() {
+        let text = EXAMPLE.replace(
+            "kind = \"sqlite\"\npath = \"./edge-1/app.db\"",
+            "kind = \"postgres\"\nurl = \"postgres://app:s3cret@db.example/app\"",
+        );
+        let c = Config::parse(&text, Path::new("/etc/driftless/node.toml")).unwrap();
+        assert_eq!(c.store.describe(), "postgres://app:***@db.example/app");
+        assert_eq!(
+            redact_password("host=x password=p dbname=y"),
+            "host=x password=*** dbname=y"
+        );
+        let missing = EXAMPLE.replace(
+            "kind = \"sqlite\"\npath = \"./edge-1/app.db\"",
+            "kind = \"postgres\"",
+        );
+        let err = Config::parse(&missing, Path::new("n.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.url"), "{err}");
     }
 }

@@ -38,6 +38,8 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Open(#[from] driftless_sqlite::OpenError),
+    #[error(transparent)]
+    OpenPostgres(#[from] driftless_postgres::OpenError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("TLS setup: {0}")]
@@ -154,16 +156,34 @@ pub fn open_store(config: &ResolvedConfig) -> Result<DynStore, NodeError> {
         path: config.data_dir.clone(),
         source,
     })?;
-    if let Some(parent) = config.sqlite_path.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| NodeError::DataDir {
-            path: parent.to_path_buf(),
-            source,
-        })?;
+    match &config.store {
+        crate::config::StoreLocation::Sqlite { path } => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|source| NodeError::DataDir {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+            }
+            let mut options = SqliteOptions::new(config.tables.clone());
+            options.node_id = Some(config.node_id);
+            options.max_clock_offset = config.max_clock_offset;
+            Ok(Box::new(SqliteStore::open(path, options)?))
+        }
+        crate::config::StoreLocation::Postgres {
+            url,
+            schema,
+            driftless_schema,
+        } => {
+            let mut options = driftless_postgres::PostgresOptions::new(config.tables.clone());
+            options.node_id = Some(config.node_id);
+            options.max_clock_offset = config.max_clock_offset;
+            options.table_schema = schema.clone();
+            options.driftless_schema = driftless_schema.clone();
+            Ok(Box::new(driftless_postgres::PostgresStore::open(
+                url, options,
+            )?))
+        }
     }
-    let mut options = SqliteOptions::new(config.tables.clone());
-    options.node_id = Some(config.node_id);
-    options.max_clock_offset = config.max_clock_offset;
-    Ok(Box::new(SqliteStore::open(&config.sqlite_path, options)?))
 }
 
 /// Runs a node until `shutdown` completes. On shutdown, links say goodbye, the batch being
@@ -173,13 +193,20 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    let mut store = open_store(&config)?;
-    let tables = store
-        .schemas()
-        .iter()
-        .map(|s| (s.name.clone(), s.fingerprint))
-        .collect();
-    let head = store.log_head()?;
+    // Opening may block (PostgreSQL's client runs its own runtime): keep it off the async threads.
+    let opening = config.clone();
+    let (store, tables, head) = tokio::task::spawn_blocking(move || {
+        let mut store = open_store(&opening)?;
+        let tables: Vec<(TableName, SchemaFingerprint)> = store
+            .schemas()
+            .iter()
+            .map(|s| (s.name.clone(), s.fingerprint))
+            .collect();
+        let head = store.log_head()?;
+        Ok::<_, NodeError>((store, tables, head))
+    })
+    .await
+    .map_err(|e| NodeError::Poller(format!("opening the store failed: {e}")))??;
     let (head_tx, _) = watch::channel(head);
     let (stop_tx, stop_rx) = watch::channel(false);
     let server_tls = match &config.file.listen {

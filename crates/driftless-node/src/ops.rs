@@ -159,7 +159,7 @@ pub fn offline_status(config: &ResolvedConfig) -> Result<NodeStatus, NodeError> 
     Ok(NodeStatus {
         name: config.file.node.name.clone(),
         node_id: config.node_id.to_string(),
-        store: config.sqlite_path.display().to_string(),
+        store: config.store.describe(),
         log_head: store.log_head()?.0,
         pending_local_writes: store.pending_local_writes()?,
         held_changes: 0,

@@ -1,0 +1,362 @@
+//! Operator-facing reads and actions: dead letters, the conflict ledger, per-table counts, and
+//! the `Store` trait implementation that ties the modules together.
+
+use crate::rowio::rule_from;
+use crate::store::{Error, PostgresStore};
+use driftless_core::codec::Decoder;
+use driftless_core::{
+    Change, Clock, ColumnName, ConflictRecord, ConflictSide, NodeId, PrimaryKey, TableName, Version,
+};
+use driftless_store::{
+    ApplyReport, CaptureReport, CompactionPolicy, CompactionReport, DeadLetter, DeadLetterId,
+    LISTING_ROWS_MAX, LogPage, LogSeq, PeerLogState, SnapshotChunk, Store, StoreError,
+    StoredConflict, TableSchema, TableStats, VerifyReport,
+};
+
+fn version_from(bytes: &[u8]) -> Result<Version, StoreError> {
+    Decoder::new(bytes)
+        .version()
+        .map_err(|e| StoreError::Corrupt(format!("stored version: {e}")))
+}
+
+fn value_from(bytes: Option<Vec<u8>>) -> Result<Option<driftless_core::Value>, StoreError> {
+    bytes
+        .map(|b| {
+            Decoder::new(&b)
+                .value()
+                .map_err(|e| StoreError::Corrupt(format!("stored value: {e}")))
+        })
+        .transpose()
+}
+
+impl<C: Clock> PostgresStore<C> {
+    /// Runs a read-only operation on the connection (each statement sees the latest commits).
+    fn read<T>(
+        &mut self,
+        body: impl FnOnce(&mut Self) -> Result<T, Error>,
+    ) -> Result<T, StoreError> {
+        self.ensure_connected()?;
+        body(self).map_err(Error::into_store)
+    }
+
+    fn dead_letters_impl(&mut self, limit: usize) -> Result<Vec<DeadLetter>, Error> {
+        let sql = format!(
+            "SELECT id, tbl, pk, version, from_peer, reason, attempts, at_ms
+             FROM {}.dead_letters ORDER BY id LIMIT $1",
+            self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        let rows = self
+            .client
+            .query(&stmt, &[&(limit.min(LISTING_ROWS_MAX) as i64)])?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let pk: Option<Vec<u8>> = row.get(2);
+            let version: Option<Vec<u8>> = row.get(3);
+            let from: Option<Vec<u8>> = row.get(4);
+            let attempts: i32 = row.get(6);
+            let at_ms: i64 = row.get(7);
+            out.push(DeadLetter {
+                id: DeadLetterId(row.get(0)),
+                table: row.get(1),
+                key: pk.and_then(|b| PrimaryKey::from_bytes(&b).ok()),
+                version: version.map(|b| version_from(&b)).transpose()?,
+                from: from
+                    .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok())
+                    .map(NodeId::from_bytes),
+                reason: row.get(5),
+                attempts: attempts as u32,
+                at_ms: at_ms as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    fn all_dead_letter_ids(&mut self) -> Result<Vec<DeadLetterId>, Error> {
+        let sql = format!(
+            "SELECT id FROM {}.dead_letters WHERE change IS NOT NULL ORDER BY id",
+            self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        Ok(self
+            .client
+            .query(&stmt, &[])?
+            .into_iter()
+            .map(|r| DeadLetterId(r.get(0)))
+            .collect())
+    }
+
+    fn conflicts_impl(&mut self, limit: usize) -> Result<Vec<StoredConflict>, Error> {
+        let sql = format!(
+            "SELECT id, tbl, pk, col, rule, winner_version, winner_value, loser_version,
+                    loser_value, at_ms
+             FROM {}.conflicts ORDER BY id DESC LIMIT $1",
+            self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        let rows = self
+            .client
+            .query(&stmt, &[&(limit.min(LISTING_ROWS_MAX) as i64)])?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.get(0);
+            let table: String = row.get(1);
+            let pk: Vec<u8> = row.get(2);
+            let column: String = row.get(3);
+            let rule: String = row.get(4);
+            let winner_version: Vec<u8> = row.get(5);
+            let winner_value: Option<Vec<u8>> = row.get(6);
+            let loser_version: Vec<u8> = row.get(7);
+            let loser_value: Option<Vec<u8>> = row.get(8);
+            let at_ms: i64 = row.get(9);
+            let corrupt = |e: String| StoreError::Corrupt(format!("conflict {id}: {e}"));
+            out.push(StoredConflict {
+                id,
+                record: ConflictRecord {
+                    table: TableName::new(&table).map_err(|e| corrupt(e.to_string()))?,
+                    key: PrimaryKey::from_bytes(&pk).map_err(|e| corrupt(e.to_string()))?,
+                    column: ColumnName::new(&column).map_err(|e| corrupt(e.to_string()))?,
+                    rule: rule_from(&rule)?,
+                    winner: ConflictSide {
+                        version: version_from(&winner_version)?,
+                        value: value_from(winner_value)?,
+                    },
+                    loser: ConflictSide {
+                        version: version_from(&loser_version)?,
+                        value: value_from(loser_value)?,
+                    },
+                },
+                at_ms: at_ms as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    fn table_stats_impl(&mut self) -> Result<Vec<TableStats>, Error> {
+        let mut out = Vec::new();
+        let conflicts_sql = format!("SELECT count(*) FROM {}.conflicts WHERE tbl = $1", self.ds);
+        let dead_sql = format!(
+            "SELECT count(*) FROM {}.dead_letters WHERE tbl = $1",
+            self.ds
+        );
+        for synced in self.synced.clone() {
+            let name = synced.schema.name.as_str();
+            let rows_sql = format!("SELECT count(*) FROM {}", synced.qualified);
+            let stmt = self.stmt(&rows_sql)?;
+            let rows: i64 = self.client.query_one(&stmt, &[])?.get(0);
+            let stmt = self.stmt(&conflicts_sql)?;
+            let conflicts: i64 = self.client.query_one(&stmt, &[&name])?.get(0);
+            let stmt = self.stmt(&dead_sql)?;
+            let dead: i64 = self.client.query_one(&stmt, &[&name])?.get(0);
+            out.push(TableStats {
+                table: synced.schema.name.clone(),
+                rows: rows as u64,
+                conflicts: conflicts as u64,
+                dead_letters: dead as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    fn count(&mut self, table: &str) -> Result<u64, Error> {
+        let sql = format!("SELECT count(*) FROM {}.{table}", self.ds);
+        let stmt = self.stmt(&sql)?;
+        let n: i64 = self.client.query_one(&stmt, &[])?.get(0);
+        Ok(n as u64)
+    }
+
+    /// Changes whenever a client commits a write to a synced table: the lowest and highest
+    /// pending record visible now. Stamping removes every visible record, so any commit after a
+    /// stamp makes a set with different ends (sequence numbers are never reused), even when
+    /// client transactions commit out of sequence order.
+    fn commit_token_impl(&mut self) -> Result<u64, Error> {
+        let sql = format!(
+            "SELECT coalesce(min(seq), 0), coalesce(max(seq), 0) FROM {}.pending",
+            self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        let row = self.client.query_one(&stmt, &[])?;
+        let (low, high): (i64, i64) = (row.get(0), row.get(1));
+        Ok((low as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ high as u64)
+    }
+}
+
+impl<C: Clock> Store for PostgresStore<C> {
+    fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    fn schemas(&self) -> &[TableSchema] {
+        &self.schemas
+    }
+
+    fn capture(&mut self, limit: usize) -> Result<CaptureReport, StoreError> {
+        let limit = limit.clamp(1, driftless_store::CAPTURE_BATCH_ROWS_MAX);
+        self.write_tx(|store| {
+            let mut report = CaptureReport::default();
+            store.capture_in_tx(limit, &mut report)?;
+            Ok(report)
+        })
+    }
+
+    fn pending_local_writes(&mut self) -> Result<u64, StoreError> {
+        self.read(|s| s.count("pending"))
+    }
+
+    fn read_log(&mut self, after: LogSeq, limit: usize) -> Result<LogPage, StoreError> {
+        self.read(|s| s.read_log_impl(after, limit))
+    }
+
+    fn log_head(&mut self) -> Result<LogSeq, StoreError> {
+        self.read(|s| s.log_head_impl())
+    }
+
+    fn apply_batch(
+        &mut self,
+        from: NodeId,
+        changes: &[Change],
+        cursor: LogSeq,
+    ) -> Result<ApplyReport, StoreError> {
+        self.apply_batch_impl(from, changes, cursor)
+    }
+
+    fn cursor(&mut self, from: NodeId) -> Result<LogSeq, StoreError> {
+        self.read(|s| s.cursor_impl(from))
+    }
+
+    fn record_ack(&mut self, peer: NodeId, acked: LogSeq) -> Result<PeerLogState, StoreError> {
+        self.record_ack_impl(peer, acked)
+    }
+
+    fn peer_state(&mut self, _peer: NodeId, from: LogSeq) -> Result<PeerLogState, StoreError> {
+        self.read(|s| s.peer_state_impl(from))
+    }
+
+    fn compact(&mut self, policy: &CompactionPolicy) -> Result<CompactionReport, StoreError> {
+        self.compact_impl(policy)
+    }
+
+    fn snapshot_chunk(
+        &mut self,
+        table: &TableName,
+        after: Option<&PrimaryKey>,
+        limit: usize,
+    ) -> Result<SnapshotChunk, StoreError> {
+        self.read(|s| s.snapshot_chunk_impl(table, after, limit))
+    }
+
+    fn release_held(&mut self) -> Result<ApplyReport, StoreError> {
+        self.release_held_impl()
+    }
+
+    fn dead_letters(&mut self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.read(|s| s.dead_letters_impl(limit))
+    }
+
+    fn retry_dead_letters(
+        &mut self,
+        ids: Option<&[DeadLetterId]>,
+    ) -> Result<ApplyReport, StoreError> {
+        let ids = match ids {
+            Some(ids) => ids.to_vec(),
+            None => self.read(|s| s.all_dead_letter_ids())?,
+        };
+        self.write_tx(|store| {
+            let mut report = ApplyReport::default();
+            let mut captured = CaptureReport::default();
+            store.capture_all_in_tx(&mut captured)?;
+            for id in &ids {
+                store.retry_one(*id, &mut report)?;
+            }
+            Ok(report)
+        })
+    }
+
+    fn drop_dead_letters(&mut self, ids: Option<&[DeadLetterId]>) -> Result<usize, StoreError> {
+        let ids: Option<Vec<i64>> = ids.map(|ids| ids.iter().map(|i| i.0).collect());
+        self.write_tx(|store| {
+            let n = match &ids {
+                Some(list) => {
+                    let sql = format!(
+                        "DELETE FROM {}.dead_letters WHERE id = ANY($1::pg_catalog.int8[])",
+                        store.ds
+                    );
+                    let stmt = store.stmt(&sql)?;
+                    store.client.execute(&stmt, &[list])?
+                }
+                None => {
+                    let sql = format!("DELETE FROM {}.dead_letters", store.ds);
+                    let stmt = store.stmt(&sql)?;
+                    store.client.execute(&stmt, &[])?
+                }
+            };
+            Ok(n as usize)
+        })
+    }
+
+    fn conflicts(&mut self, limit: usize) -> Result<Vec<StoredConflict>, StoreError> {
+        self.read(|s| s.conflicts_impl(limit))
+    }
+
+    fn table_stats(&mut self) -> Result<Vec<TableStats>, StoreError> {
+        self.read(|s| s.table_stats_impl())
+    }
+
+    fn commit_token(&mut self) -> Result<u64, StoreError> {
+        self.read(|s| s.commit_token_impl())
+    }
+
+    fn held_count(&mut self) -> Result<u64, StoreError> {
+        self.read(|s| s.count("held"))
+    }
+
+    fn content_digests(&mut self) -> Result<Vec<(TableName, u64, [u8; 16])>, StoreError> {
+        self.read(|s| s.content_digests_impl())
+    }
+
+    fn top_fingerprints(&mut self, table: &TableName) -> Result<Vec<i64>, StoreError> {
+        self.read(|s| s.top_fingerprints_impl(table))
+    }
+
+    fn fine_fingerprints(
+        &mut self,
+        table: &TableName,
+        tops: &[u32],
+    ) -> Result<Vec<(u32, Vec<i64>)>, StoreError> {
+        self.read(|s| s.fine_fingerprints_impl(table, tops))
+    }
+
+    fn bucket_items(
+        &mut self,
+        table: &TableName,
+        fine: &[u32],
+    ) -> Result<Vec<(u32, PrimaryKey, i64)>, StoreError> {
+        self.read(|s| s.bucket_items_impl(table, fine))
+    }
+
+    fn row_changes(
+        &mut self,
+        table: &TableName,
+        keys: &[PrimaryKey],
+    ) -> Result<Vec<Change>, StoreError> {
+        self.read(|s| s.row_changes_impl(table, keys))
+    }
+
+    fn apply_repair(
+        &mut self,
+        from: NodeId,
+        changes: &[Change],
+    ) -> Result<ApplyReport, StoreError> {
+        self.apply_repair_impl(from, changes)
+    }
+
+    fn verify_chunk(
+        &mut self,
+        table: &TableName,
+        after: Option<&PrimaryKey>,
+        limit: usize,
+        repair: bool,
+    ) -> Result<VerifyReport, StoreError> {
+        self.verify_chunk_impl(table, after, limit, repair)
+    }
+}

@@ -1,0 +1,270 @@
+//! Stamping captured local writes: turning the triggers' records into versioned changes.
+//!
+//! The triggers record only `(table, operation, primary key)`, atomically with the client's
+//! write. Stamping reads the rows' current values (many at once), compares them with their
+//! merge states (which mirror what the table held after the last stamp or apply) to find the
+//! columns that changed, and makes the changes with fresh HLC versions.
+//!
+//! Every write transaction of driftless (apply included) stamps all pending writes visible in
+//! its REPEATABLE READ snapshot first. A client write committed after that snapshot stays
+//! pending for a later stamp, which gives it a version above everything this transaction
+//! applied; and if the transaction writes a row such a client write touched, PostgreSQL fails it
+//! with a serialization error and it runs again, stamping that write first. So a remote value
+//! never overwrites a local value it was not compared with (see docs/postgres.md).
+
+use crate::meta::KEY_COLUMNS_MAX;
+use crate::rowio::{RowWrite, UserRow};
+use crate::schema::{OP_DELETE, OP_UPDATE, Synced};
+use crate::store::{Error, PostgresStore};
+use driftless_core::{Clock, PrimaryKey, RowState, Value, Version};
+use driftless_store::capture::{self, CapturedOp, Stamp};
+use driftless_store::{CaptureReport, StoreError};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+struct Pending {
+    seq: i64,
+    table: Option<Arc<Synced>>,
+    op: i16,
+    key: Result<PrimaryKey, String>,
+}
+
+impl<C: Clock> PostgresStore<C> {
+    /// Stamps up to `limit` pending local writes inside the current transaction. Returns how
+    /// many records it consumed.
+    pub(crate) fn capture_in_tx(
+        &mut self,
+        limit: usize,
+        report: &mut CaptureReport,
+    ) -> Result<usize, Error> {
+        let pending = self.read_pending(limit)?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        // Load every state and every current row the records need, a query per table.
+        let mut by_table: HashMap<i32, (Arc<Synced>, Vec<PrimaryKey>)> = HashMap::new();
+        for entry in &pending {
+            if let (Some(table), Ok(key)) = (&entry.table, &entry.key) {
+                by_table
+                    .entry(table.id)
+                    .or_insert_with(|| (table.clone(), Vec::new()))
+                    .1
+                    .push(key.clone());
+            }
+        }
+        let mut current: HashMap<(i32, PrimaryKey), Result<Option<UserRow>, String>> =
+            HashMap::new();
+        for (id, (table, keys)) in &mut by_table {
+            keys.sort();
+            keys.dedup();
+            let ids: Vec<_> = keys
+                .iter()
+                .map(|k| (table.schema.name.clone(), k.clone()))
+                .collect();
+            self.load_states(&ids)?;
+            let refs: Vec<&PrimaryKey> = keys.iter().collect();
+            let rows = self.read_user_rows(table, &refs)?;
+            for (key, row) in keys.iter().zip(rows) {
+                current.insert((*id, key.clone()), row);
+            }
+        }
+        for entry in &pending {
+            let Some(table) = &entry.table else {
+                continue; // the table is no longer synced
+            };
+            match &entry.key {
+                Ok(key) => {
+                    let slot = (table.id, key.clone());
+                    let row = current.get(&slot).cloned().unwrap_or(Ok(None));
+                    if let Some(now) = self.stamp_key(table, entry.op, key, row, report)? {
+                        current.insert(slot, now);
+                    }
+                }
+                Err(reason) => {
+                    self.dead_letter_local(table.schema.name.as_str(), reason)?;
+                    report.refused += 1;
+                }
+            }
+        }
+        let seqs: Vec<i64> = pending.iter().map(|p| p.seq).collect();
+        let sql = format!(
+            "DELETE FROM {}.pending WHERE seq = ANY($1::pg_catalog.int8[])",
+            self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        self.client.execute(&stmt, &[&seqs])?;
+        Ok(pending.len())
+    }
+
+    /// Stamps every pending local write (in bounded rounds) inside the current transaction.
+    pub(crate) fn capture_all_in_tx(&mut self, report: &mut CaptureReport) -> Result<(), Error> {
+        while self.capture_in_tx(driftless_store::CAPTURE_BATCH_ROWS_MAX, report)?
+            == driftless_store::CAPTURE_BATCH_ROWS_MAX
+        {}
+        Ok(())
+    }
+
+    fn read_pending(&mut self, limit: usize) -> Result<Vec<Pending>, Error> {
+        let keys: String = (0..KEY_COLUMNS_MAX).map(|i| format!(", k{i}")).collect();
+        let sql = format!(
+            "SELECT seq, tbl, op{keys} FROM {}.pending ORDER BY seq LIMIT $1",
+            self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        let rows = self.client.query(&stmt, &[&(limit as i64)])?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i32 = row.get(1);
+            let table = self.synced.iter().find(|s| s.id == id).cloned();
+            let key = match &table {
+                None => Err(String::new()),
+                Some(t) => {
+                    let mut parts = Vec::with_capacity(t.keys.len());
+                    let mut error = None;
+                    for (i, column) in t.keys.iter().enumerate() {
+                        let text: Option<String> = row.get(3 + i);
+                        match text.map(|text| column.kind.key_from_text(&text)) {
+                            Some(Ok(part)) => parts.push(part),
+                            Some(Err(e)) => error = Some(e),
+                            None => error = Some("a primary-key column is NULL".into()),
+                        }
+                    }
+                    let name = t.schema.name.as_str();
+                    match error {
+                        Some(e) => Err(format!("local write to {name} not captured: {e}")),
+                        None => PrimaryKey::from_parts(&parts)
+                            .map_err(|e| format!("local write to {name} not captured: {e}")),
+                    }
+                }
+            };
+            out.push(Pending {
+                seq: row.get(0),
+                table,
+                op: row.get(2),
+                key,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stamps one local write to `key` whose row currently holds `current` (used by capture,
+    /// and by verification to adopt a row that was never captured). Returns the row's new
+    /// content if stamping had to set it back to the winning values.
+    pub(crate) fn stamp_key(
+        &mut self,
+        synced: &Synced,
+        op: i16,
+        key: &PrimaryKey,
+        current: Result<Option<UserRow>, String>,
+        report: &mut CaptureReport,
+    ) -> Result<Option<Result<Option<UserRow>, String>>, Error> {
+        let schema = &synced.schema;
+        let table = &schema.name;
+        let mut state = self.cached_state(table, key)?;
+        let current = match current {
+            Ok(current) => current,
+            Err(reason) => {
+                self.dead_letter_local(
+                    table.as_str(),
+                    &format!("local write to {table} {key}: {reason}"),
+                )?;
+                report.refused += 1;
+                return Ok(None);
+            }
+        };
+        // Columns that show the merge state's value in this column's form count as unchanged.
+        let current = match current {
+            Some(row) => Some(self.in_state_form(synced, &state, row)?),
+            None => None,
+        };
+        let op = match op {
+            OP_DELETE => CapturedOp::Delete,
+            OP_UPDATE => CapturedOp::Update,
+            _ => CapturedOp::Insert,
+        };
+        let stamp = capture::plan(op, &state, current.as_deref());
+        if stamp == Stamp::Nothing {
+            return Ok(None);
+        }
+        let version = Version::new(self.hlc.now()?, self.node);
+        let change = match capture::build(stamp, &state, schema, key, version) {
+            None => return Ok(None),
+            Some(Ok(change)) => change,
+            Some(Err(reason)) => {
+                self.dead_letter_local(
+                    table.as_str(),
+                    &format!("local write to {table} {key}: {reason}"),
+                )?;
+                report.refused += 1;
+                return Ok(None);
+            }
+        };
+        let outcome = state
+            .apply(&change, &schema.rules)
+            .map_err(|e| StoreError::Corrupt(format!("own change refused by merge: {e}")))?;
+        self.record_conflicts(&outcome.conflicts)?;
+        let mut now = None;
+        // A local write can lose at once (priority, max, min columns): set the row back to the
+        // winning values so the table shows what every replica will converge to.
+        let shown = match current {
+            Some(row) => Some(self.in_state_form(synced, &state, row)?),
+            None => None,
+        };
+        if !change.is_delete() && !capture::matches_row(&state, shown.as_deref()) {
+            let write = RowWrite {
+                key: key.clone(),
+                visible: state.visible(),
+                recreate: false,
+            };
+            let restore_error = |reason: String| StoreError::Schema {
+                table: table.to_string(),
+                reason: format!("cannot restore the winning value of {key}: {reason}"),
+            };
+            match self.write_user_rows(synced, std::slice::from_ref(&write)) {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => return Err(restore_error(reason).into()),
+                Err(e) if e.is_data_problem() => return Err(restore_error(e.describe()).into()),
+                Err(e) => return Err(e),
+            }
+            report.reverted += 1;
+            now = self.read_user_rows(synced, &[key])?.pop();
+        }
+        self.set_state(table, key, state);
+        self.append_log(&change);
+        report.changes.push(change);
+        Ok(now)
+    }
+
+    /// The row with every value that shows the merge state's value (in the column's form, see
+    /// `shows`) replaced by the state's value, so the store-independent capture decision
+    /// (`driftless_store::capture`), which compares exactly, sees only real edits.
+    pub(crate) fn in_state_form(
+        &mut self,
+        synced: &Synced,
+        state: &RowState,
+        row: UserRow,
+    ) -> Result<UserRow, Error> {
+        let visible = state.visible().unwrap_or_default();
+        let mut out = Vec::with_capacity(row.len());
+        for (i, (column, value)) in row.into_iter().enumerate() {
+            let held = visible.get(&column).unwrap_or(&Value::Null);
+            if &value != held && self.shows(&synced.values[i], &value, held)? {
+                out.push((column, held.clone()));
+            } else {
+                out.push((column, value));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn dead_letter_local(&mut self, table: &str, reason: &str) -> Result<(), Error> {
+        let sql = format!(
+            "INSERT INTO {}.dead_letters (tbl, reason, at_ms) VALUES ($1, $2, $3)",
+            self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        let now = self.now_ms() as i64;
+        self.client.execute(&stmt, &[&table, &reason, &now])?;
+        Ok(())
+    }
+}

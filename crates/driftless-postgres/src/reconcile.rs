@@ -1,0 +1,456 @@
+//! Reconciliation support: range fingerprints, bucket contents, full row states for repairs, the
+//! local check of table content against merge state (drift behind driftless's back), and
+//! content digests. The fingerprint scheme is `driftless_store::fingerprint`, shared with every
+//! adapter, so a PostgreSQL replica and a SQLite replica can be compared.
+
+use crate::rowio::{RowWrite, UserRow, key_from_row};
+use crate::schema::{OP_INSERT, Synced};
+use crate::store::{Error, PostgresStore};
+use crate::types::{WireValue, key_to_wire, read_wire};
+use driftless_core::codec::decode_row_state;
+use driftless_core::{
+    Change, Clock, ColumnName, ConflictRecord, ConflictRule, ConflictSide, NodeId, PrimaryKey,
+    RowState, TableName, Value,
+};
+use driftless_store::fingerprint::{FINE_BITS, FINE_PER_TOP, TOP_BITS, TOP_BUCKETS};
+use driftless_store::{ApplyReport, CaptureReport, StoreError, VerifyReport};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
+use std::sync::Arc;
+
+/// Most buckets one request may name (bounds a peer's request).
+pub const BUCKETS_PER_REQUEST_MAX: usize = 4096;
+/// Most keys one repair request may name.
+pub const KEYS_PER_REQUEST_MAX: usize = 100_000;
+
+impl<C: Clock> PostgresStore<C> {
+    fn synced_or_err(&self, table: &TableName) -> Result<Arc<Synced>, StoreError> {
+        self.synced(table)
+            .ok_or_else(|| StoreError::UnknownTable(table.to_string()))
+    }
+
+    pub(crate) fn top_fingerprints_impl(&mut self, table: &TableName) -> Result<Vec<i64>, Error> {
+        self.synced_or_err(table)?;
+        let mut tops = vec![0i64; TOP_BUCKETS];
+        let sql = format!(
+            "SELECT bucket, fp FROM {}.fingerprints WHERE tbl = $1",
+            self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        for row in self.client.query(&stmt, &[&table.as_str()])? {
+            let bucket: i64 = row.get(0);
+            let fp: i64 = row.get(1);
+            let top = (bucket >> (FINE_BITS - TOP_BITS)) as usize;
+            if let Some(slot) = tops.get_mut(top) {
+                *slot ^= fp;
+            }
+        }
+        Ok(tops)
+    }
+
+    pub(crate) fn fine_fingerprints_impl(
+        &mut self,
+        table: &TableName,
+        tops: &[u32],
+    ) -> Result<Vec<(u32, Vec<i64>)>, Error> {
+        self.synced_or_err(table)?;
+        if tops.len() > BUCKETS_PER_REQUEST_MAX {
+            return Err(StoreError::BatchTooLarge {
+                len: tops.len(),
+                max: BUCKETS_PER_REQUEST_MAX,
+            }
+            .into());
+        }
+        let sql = format!(
+            "SELECT f.bucket, f.fp FROM unnest($2::pg_catalog.int8[]) AS t(top) \
+             JOIN {}.fingerprints AS f ON f.tbl = $1 AND f.bucket >= t.top * $3 \
+             AND f.bucket < (t.top + 1) * $3",
+            self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        let top_list: Vec<i64> = tops.iter().map(|t| i64::from(*t)).collect();
+        let mut out: Vec<(u32, Vec<i64>)> = tops
+            .iter()
+            .map(|&top| (top, vec![0i64; FINE_PER_TOP]))
+            .collect();
+        let rows = self
+            .client
+            .query(&stmt, &[&table.as_str(), &top_list, &(FINE_PER_TOP as i64)])?;
+        for row in rows {
+            let bucket: i64 = row.get(0);
+            let fp: i64 = row.get(1);
+            let top = bucket / FINE_PER_TOP as i64;
+            for (t, fps) in out.iter_mut().filter(|(t, _)| i64::from(*t) == top) {
+                let first = i64::from(*t) * FINE_PER_TOP as i64;
+                fps[(bucket - first) as usize] = fp;
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn bucket_items_impl(
+        &mut self,
+        table: &TableName,
+        fine: &[u32],
+    ) -> Result<Vec<(u32, PrimaryKey, i64)>, Error> {
+        self.synced_or_err(table)?;
+        if fine.len() > BUCKETS_PER_REQUEST_MAX {
+            return Err(StoreError::BatchTooLarge {
+                len: fine.len(),
+                max: BUCKETS_PER_REQUEST_MAX,
+            }
+            .into());
+        }
+        let sql = format!(
+            "SELECT bucket, pk, h FROM {}.row_states WHERE tbl = $1 \
+             AND bucket = ANY($2::pg_catalog.int8[]) ORDER BY bucket, pk",
+            self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        let buckets: Vec<i64> = fine.iter().map(|b| i64::from(*b)).collect();
+        let mut out = Vec::new();
+        for row in self.client.query(&stmt, &[&table.as_str(), &buckets])? {
+            let bucket: i64 = row.get(0);
+            let pk: Vec<u8> = row.get(1);
+            let h: i64 = row.get(2);
+            let key = PrimaryKey::from_bytes(&pk)
+                .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?;
+            out.push((bucket as u32, key, h));
+        }
+        // in the order the buckets were asked for, like the SQLite adapter
+        out.sort_by_key(|(b, _, _)| fine.iter().position(|f| f == b));
+        Ok(out)
+    }
+
+    pub(crate) fn row_changes_impl(
+        &mut self,
+        table: &TableName,
+        keys: &[PrimaryKey],
+    ) -> Result<Vec<Change>, Error> {
+        let synced = self.synced_or_err(table)?;
+        if keys.len() > KEYS_PER_REQUEST_MAX {
+            return Err(StoreError::BatchTooLarge {
+                len: keys.len(),
+                max: KEYS_PER_REQUEST_MAX,
+            }
+            .into());
+        }
+        let sql = format!(
+            "SELECT s.pk, s.state FROM unnest($2::pg_catalog.bytea[]) \
+             WITH ORDINALITY AS u(pk, i) JOIN {}.row_states AS s ON s.tbl = $1 AND s.pk = u.pk \
+             ORDER BY u.i",
+            self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        let mut out = Vec::new();
+        for chunk in keys.chunks(crate::rowio::BULK_ROWS_MAX) {
+            let pks: Vec<&[u8]> = chunk.iter().map(PrimaryKey::as_bytes).collect();
+            for row in self.client.query(&stmt, &[&table.as_str(), &pks])? {
+                let pk: Vec<u8> = row.get(0);
+                let bytes: Vec<u8> = row.get(1);
+                let key = PrimaryKey::from_bytes(&pk)
+                    .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?;
+                let state = decode_row_state(&bytes)
+                    .map_err(|e| StoreError::Corrupt(format!("row state of {table} {key}: {e}")))?;
+                out.extend(state.to_changes(table, &key, synced.schema.fingerprint));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn apply_repair_impl(
+        &mut self,
+        from: NodeId,
+        changes: &[Change],
+    ) -> Result<ApplyReport, StoreError> {
+        if changes.len() > driftless_store::APPLY_BATCH_CHANGES_MAX {
+            return Err(StoreError::BatchTooLarge {
+                len: changes.len(),
+                max: driftless_store::APPLY_BATCH_CHANGES_MAX,
+            });
+        }
+        self.write_tx(|store| {
+            let mut report = ApplyReport::default();
+            let mut captured = CaptureReport::default();
+            store.capture_all_in_tx(&mut captured)?;
+            report.captured = captured.changes.len();
+            store.apply_many(Some(from), changes, &mut report)?;
+            Ok(report)
+        })
+    }
+
+    /// See [`driftless_store::Store::verify_chunk`] and the SQLite adapter: table content that
+    /// differs from the merge state was written behind driftless's back; it is restored from
+    /// the state (the discarded content goes to the ledger as `drift`), and a row with no state
+    /// at all is adopted as a new local insert.
+    pub(crate) fn verify_chunk_impl(
+        &mut self,
+        table: &TableName,
+        after: Option<&PrimaryKey>,
+        limit: usize,
+        repair: bool,
+    ) -> Result<VerifyReport, StoreError> {
+        let synced = self.synced_or_err(table)?;
+        let limit = limit.clamp(1, driftless_store::SNAPSHOT_CHUNK_ROWS_MAX);
+        self.write_tx(|store| {
+            let mut report = VerifyReport::default();
+            let mut captured = CaptureReport::default();
+            // Pending local writes are not drift: stamp them first.
+            store.capture_all_in_tx(&mut captured)?;
+            let (user_keys, full) = store.user_keys_after(&synced, after, limit)?;
+            let upper = if full {
+                user_keys.last().cloned()
+            } else {
+                None
+            };
+            let state_keys = store.state_keys_between(table, after, upper.as_ref())?;
+            let mut keys: Vec<PrimaryKey> = user_keys;
+            keys.extend(state_keys);
+            keys.sort();
+            keys.dedup();
+            let ids: Vec<(TableName, PrimaryKey)> =
+                keys.iter().map(|k| (table.clone(), k.clone())).collect();
+            store.load_states(&ids)?;
+            let refs: Vec<&PrimaryKey> = keys.iter().collect();
+            let rows = store.read_user_rows(&synced, &refs)?;
+            for (key, row) in keys.iter().zip(rows) {
+                report.checked += 1;
+                store.verify_row(&synced, key, row, repair, &mut report)?;
+            }
+            report.next = upper;
+            Ok(report)
+        })
+    }
+
+    /// Keys of the user table after `after`, in key byte order; and whether `limit` rows came
+    /// back (there may be more).
+    fn user_keys_after(
+        &mut self,
+        synced: &Synced,
+        after: Option<&PrimaryKey>,
+        limit: usize,
+    ) -> Result<(Vec<PrimaryKey>, bool), Error> {
+        let limit = limit as i64;
+        let rows = match after {
+            None => {
+                let stmt = self.stmt(&synced.keys_from_start)?;
+                self.client.query(&stmt, &[&limit])?
+            }
+            Some(key) => {
+                let mut wires = Vec::new();
+                for (part, column) in key.parts().iter().zip(&synced.keys) {
+                    match key_to_wire(column.kind, &column.declared, part) {
+                        Ok(w) => wires.push(w),
+                        Err(reason) => {
+                            return Err(StoreError::Schema {
+                                table: synced.schema.name.to_string(),
+                                reason,
+                            }
+                            .into());
+                        }
+                    }
+                }
+                let boxed: Vec<Box<dyn ToSql + Sync>> = wires
+                    .into_iter()
+                    .map(|w| -> Box<dyn ToSql + Sync> {
+                        match w {
+                            WireValue::Int(i) => Box::new(i),
+                            WireValue::Bool(b) => Box::new(b),
+                            WireValue::Text(t) => Box::new(t),
+                            WireValue::Bytes(b) => Box::new(b),
+                            WireValue::Float(f) => Box::new(f),
+                            WireValue::Null => Box::new(Option::<i64>::None),
+                        }
+                    })
+                    .collect();
+                let mut params: Vec<&(dyn ToSql + Sync)> =
+                    boxed.iter().map(|b| b.as_ref()).collect();
+                params.push(&limit);
+                let stmt = self.stmt(&synced.keys_after)?;
+                self.client.query(&stmt, &params)?
+            }
+        };
+        let full = rows.len() as i64 == limit;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // keys driftless cannot represent were already refused at capture; skip them here
+            if let Ok(key) = key_from_row(synced, row)? {
+                out.push(key);
+            }
+        }
+        Ok((out, full))
+    }
+
+    fn state_keys_between(
+        &mut self,
+        table: &TableName,
+        after: Option<&PrimaryKey>,
+        upper: Option<&PrimaryKey>,
+    ) -> Result<Vec<PrimaryKey>, Error> {
+        let sql = format!(
+            "SELECT pk FROM {}.row_states WHERE tbl = $1 AND pk > $2 \
+             AND ($3::pg_catalog.bytea IS NULL OR pk <= $3) ORDER BY pk",
+            self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        let after_bytes: Vec<u8> = after.map(|k| k.as_bytes().to_vec()).unwrap_or_default();
+        let upper_bytes: Option<Vec<u8>> = upper.map(|k| k.as_bytes().to_vec());
+        let mut out = Vec::new();
+        for row in self
+            .client
+            .query(&stmt, &[&table.as_str(), &after_bytes, &upper_bytes])?
+        {
+            let pk: Vec<u8> = row.get(0);
+            out.push(
+                PrimaryKey::from_bytes(&pk)
+                    .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn verify_row(
+        &mut self,
+        synced: &Synced,
+        key: &PrimaryKey,
+        row: Result<Option<UserRow>, String>,
+        repair: bool,
+        report: &mut VerifyReport,
+    ) -> Result<(), Error> {
+        let table = &synced.schema.name;
+        let state: RowState = self.cached_state(table, key)?;
+        let Ok(row) = row else {
+            return Ok(()); // unrepresentable; refused at capture
+        };
+        if state.version().is_none() {
+            if row.is_some() {
+                // in the table, never captured: adopt it as a local insert
+                if repair {
+                    let mut capture = CaptureReport::default();
+                    self.stamp_key(synced, OP_INSERT, key, Ok(row), &mut capture)?;
+                }
+                report.adopted += 1;
+            }
+            return Ok(());
+        }
+        let visible = state.visible();
+        let mut differs: Vec<(ColumnName, Option<Value>, Option<Value>)> = Vec::new();
+        match (&visible, &row) {
+            (None, None) => {}
+            (Some(v), Some(r)) => {
+                for (i, (column, value)) in r.iter().enumerate() {
+                    let held = v.get(column).unwrap_or(&Value::Null);
+                    if !self.shows(&synced.values[i], value, held)? {
+                        differs.push((column.clone(), v.get(column).cloned(), Some(value.clone())));
+                    }
+                }
+            }
+            (Some(v), None) => differs.extend(
+                v.iter()
+                    .map(|(c, value)| (c.clone(), Some(value.clone()), None)),
+            ),
+            (None, Some(r)) => differs.extend(
+                r.iter()
+                    .map(|(c, value)| (c.clone(), None, Some(value.clone()))),
+            ),
+        }
+        let row_missing_or_extra = visible.is_some() != row.is_some();
+        if differs.is_empty() && !row_missing_or_extra {
+            return Ok(());
+        }
+        if !repair {
+            report.restored += 1;
+            return Ok(());
+        }
+        let version = state.version().expect("checked above");
+        let conflicts: Vec<ConflictRecord> = differs
+            .into_iter()
+            .map(|(column, winner, loser)| ConflictRecord {
+                table: table.clone(),
+                key: key.clone(),
+                column,
+                rule: ConflictRule::Drift,
+                winner: ConflictSide {
+                    version,
+                    value: winner,
+                },
+                loser: ConflictSide {
+                    version,
+                    value: loser,
+                },
+            })
+            .collect();
+        self.record_conflicts(&conflicts)?;
+        let write = RowWrite {
+            key: key.clone(),
+            visible,
+            recreate: false,
+        };
+        let restore_error = |reason: String| StoreError::Schema {
+            table: table.to_string(),
+            reason: format!("cannot restore {key} from its merge state: {reason}"),
+        };
+        match self.write_user_rows(synced, std::slice::from_ref(&write)) {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return Err(restore_error(reason).into()),
+            Err(e) if e.is_data_problem() => {
+                return Err(restore_error(e.describe()).into());
+            }
+            Err(e) => return Err(e),
+        }
+        report.restored += 1;
+        Ok(())
+    }
+
+    /// Content digests of every synced table (see `driftless_store::digest`), streamed in key
+    /// byte order.
+    pub(crate) fn content_digests_impl(
+        &mut self,
+    ) -> Result<Vec<(TableName, u64, [u8; 16])>, Error> {
+        let mut out = Vec::new();
+        for synced in self.synced.clone() {
+            let key_reads: Vec<String> = synced
+                .keys
+                .iter()
+                .map(|c| c.kind.read_expr(&format!("t.{}", c.quoted)))
+                .collect();
+            let value_reads: String = synced
+                .values
+                .iter()
+                .map(|c| format!(", {}", c.kind.read_expr(&format!("t.{}", c.quoted))))
+                .collect();
+            // the same order as `keys_from_start`, without a limit
+            let order = synced
+                .keys_from_start
+                .split(" ORDER BY ")
+                .nth(1)
+                .and_then(|rest| rest.strip_suffix(" LIMIT $1"))
+                .unwrap_or("1")
+                .to_owned();
+            let sql = format!(
+                "SELECT {}{value_reads} FROM {} AS t ORDER BY {order}",
+                key_reads.join(", "),
+                synced.qualified
+            );
+            let stmt = self.stmt(&sql)?;
+            let mut digest = driftless_store::digest::ContentDigest::new();
+            let mut rows = self
+                .client
+                .query_raw(&stmt, Vec::<&(dyn ToSql + Sync)>::new())?;
+            while let Some(row) = rows.next()? {
+                let Ok(key) = key_from_row(&synced, &row)? else {
+                    continue;
+                };
+                let mut cells = Vec::with_capacity(synced.values.len());
+                for (i, column) in synced.values.iter().enumerate() {
+                    let wire = read_wire(&row, synced.keys.len() + i, column.kind.read_wire())?;
+                    cells.push((column.name.as_str(), wire.into_value()));
+                }
+                digest.add_row(&key, &cells);
+            }
+            let (rows, hash) = digest.finish();
+            out.push((synced.schema.name.clone(), rows, hash));
+        }
+        Ok(out)
+    }
+}

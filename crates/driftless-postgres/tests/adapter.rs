@@ -1,0 +1,737 @@
+//! Behaviour of the PostgreSQL adapter, one property per test, mirroring the SQLite adapter's
+//! tests: echo suppression and relaying, dead letters and their retry, schema handling,
+//! bootstrap, compaction, snapshots, clock holds, the ledger, and use from tokio's blocking pool.
+
+mod common;
+
+use common::{TestDb, databases, sync};
+use driftless_core::hlc::ManualClock;
+use driftless_core::{ColumnKind, ColumnName, NodeId, TableName};
+use driftless_postgres::{OpenError, PostgresOptions, PostgresStore};
+use driftless_store::{CompactionPolicy, LogSeq, PeerLogState, Store, StoreError, TableConfig};
+use postgres::Client;
+use std::time::Duration;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn items() -> TableName {
+    TableName::new("items").unwrap()
+}
+
+const DDL: &str =
+    "CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, name text, qty bigint);";
+
+fn open(
+    db: &TestDb,
+    node: u128,
+    clock: &ManualClock,
+    ddl: &str,
+) -> (PostgresStore<ManualClock>, Client) {
+    let mut client = db.client();
+    client.batch_execute(ddl).unwrap();
+    let mut options = PostgresOptions::new(vec![TableConfig::new(items())]);
+    options.node_id = Some(NodeId::new(node));
+    options.max_clock_offset = Duration::from_secs(5);
+    let store = PostgresStore::open_with_clock(&db.url, options, clock.clone()).unwrap();
+    (store, client)
+}
+
+fn rows(client: &mut Client) -> Vec<(i64, Option<String>, Option<i64>)> {
+    client
+        .query("SELECT id, name, qty FROM items ORDER BY id", &[])
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[test]
+fn applied_changes_are_not_captured_again_and_relays_keep_origin_and_version() {
+    let Some(dbs) = databases("echo", 3) else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let (mut a, mut ca) = open(&dbs[0], 1, &clock, DDL);
+    let (mut b, mut cb) = open(&dbs[1], 2, &clock, DDL);
+    let (mut c, mut cc) = open(&dbs[2], 3, &clock, DDL);
+    let mut written = Vec::new();
+    for sql in [
+        "INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2)",
+        "UPDATE items SET qty = 5 WHERE id = 1",
+    ] {
+        ca.batch_execute(sql).unwrap();
+        written.extend(a.capture(100).unwrap().changes);
+    }
+    assert_eq!(written.len(), 3);
+
+    let report = sync(&mut a, &mut b);
+    assert_eq!(report.applied, 3);
+    // no echo: applying created no pending local writes and nothing new to stamp
+    assert_eq!(b.pending_local_writes().unwrap(), 0);
+    assert!(b.capture(100).unwrap().changes.is_empty());
+    let relayed: Vec<_> = b
+        .read_log(LogSeq(0), 100)
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.change)
+        .collect();
+    assert_eq!(relayed, written);
+    assert!(relayed.iter().all(|ch| ch.origin() == NodeId::new(1)));
+
+    // c only talks to b, and still gets a's writes with a's versions
+    sync(&mut b, &mut c);
+    let at_c: Vec<_> = c
+        .read_log(LogSeq(0), 100)
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.change)
+        .collect();
+    assert_eq!(at_c, written);
+    assert_eq!(rows(&mut cc), rows(&mut ca));
+    assert_eq!(rows(&mut cb), rows(&mut ca));
+    // replaying the same pages again changes nothing (exactly-once effect)
+    let again = b.apply_batch(NodeId::new(1), &written, LogSeq(3)).unwrap();
+    assert_eq!((again.applied, again.duplicates + again.superseded), (0, 3));
+    assert_eq!(b.read_log(LogSeq(0), 100).unwrap().entries.len(), 3);
+    // a client write on top of applied rows is captured as one local change
+    cb.batch_execute("UPDATE items SET name = 'bee' WHERE id = 2")
+        .unwrap();
+    let local = b.capture(100).unwrap().changes;
+    assert_eq!(local.len(), 1);
+    assert_eq!(local[0].origin(), NodeId::new(2));
+    assert_eq!(local[0].cells().len(), 1, "only the changed column");
+}
+
+#[test]
+fn unapplicable_changes_become_dead_letters_without_blocking_the_batch_and_retry_after_a_fix() {
+    let Some(dbs) = databases("dead_letters", 2) else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let source_ddl = "CREATE TABLE items (id bigint PRIMARY KEY, name text, code text);";
+    let strict_ddl =
+        "CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL, code text UNIQUE);";
+    let (mut a, mut ca) = open(&dbs[0], 1, &clock, source_ddl);
+    let (mut b, mut cb) = open(&dbs[1], 2, &clock, strict_ddl);
+    for sql in [
+        "INSERT INTO items (id, name, code) VALUES (1, 'one', 'X')",
+        "INSERT INTO items (id, name, code) VALUES (3, NULL, 'Z')",
+        "INSERT INTO items (id, name, code) VALUES (4, 'four', 'X2')",
+        "UPDATE items SET code = 'X' WHERE id = 4",
+        "INSERT INTO items (id, name, code) VALUES (5, 'five', 'W')",
+        // the source's schema moves ahead of the replica's
+        "ALTER TABLE items ADD COLUMN extra text",
+        "INSERT INTO items (id, name, code, extra) VALUES (2, 'two', 'Y', 'new column')",
+    ] {
+        ca.batch_execute(sql).unwrap();
+        a.capture(100).unwrap();
+    }
+    let report = sync(&mut a, &mut b);
+    assert_eq!(report.dead_lettered, 3, "{report:?}");
+    assert_eq!(
+        report.applied, 3,
+        "rows 1, 4 (insert) and 5 apply; {report:?}"
+    );
+    let dead = b.dead_letters(10).unwrap();
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert!(reasons[0].contains("not-null constraint"), "{reasons:?}");
+    assert!(reasons[1].contains("unique constraint"), "{reasons:?}");
+    assert!(reasons[2].contains("unknown column extra"), "{reasons:?}");
+    assert!(
+        dead.iter()
+            .all(|d| d.from == Some(NodeId::new(1)) && d.key.is_some())
+    );
+    assert_eq!(
+        b.cursor(NodeId::new(1)).unwrap(),
+        a.log_head().unwrap(),
+        "the cursor moved past them"
+    );
+    assert_eq!(b.table_stats().unwrap()[0].dead_letters, 3);
+
+    // Retry before fixing anything: they stay, with one more attempt counted.
+    let still = b.retry_dead_letters(None).unwrap();
+    assert_eq!(still.dead_lettered, 3);
+    assert!(b.dead_letters(10).unwrap().iter().all(|d| d.attempts == 2));
+
+    // Fix the schema: add the column, drop the NOT NULL and UNIQUE constraints.
+    cb.batch_execute(
+        "ALTER TABLE items ADD COLUMN extra text;
+         ALTER TABLE items ALTER COLUMN name DROP NOT NULL;
+         ALTER TABLE items DROP CONSTRAINT items_code_key;",
+    )
+    .unwrap();
+    let retried = b.retry_dead_letters(None).unwrap();
+    assert_eq!(
+        (retried.applied, retried.dead_lettered),
+        (3, 0),
+        "{retried:?}"
+    );
+    assert!(b.dead_letters(10).unwrap().is_empty());
+    type Full = Vec<(i64, Option<String>, Option<String>, Option<String>)>;
+    let full = |c: &mut Client| -> Full {
+        c.query("SELECT id, name, code, extra FROM items ORDER BY id", &[])
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()
+    };
+    assert_eq!(full(&mut cb), full(&mut ca));
+    // capture still works after the DDL, including the added column
+    cb.batch_execute("UPDATE items SET extra = 'e' WHERE id = 1")
+        .unwrap();
+    let changes = b.capture(10).unwrap().changes;
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].cells()[0].column.as_str(), "extra");
+}
+
+#[test]
+fn unsupported_tables_and_types_are_refused_at_open_with_a_clear_error() {
+    let Some(db) = TestDb::create("refused") else {
+        return;
+    };
+    let mut client = db.client();
+    client
+        .batch_execute(
+            "CREATE TABLE nokey (name text, qty bigint);
+             CREATE TABLE items (id bigint PRIMARY KEY, tags text[], spot point);
+             CREATE TABLE realkey (k double precision PRIMARY KEY, v text);
+             CREATE VIEW v AS SELECT 1 AS x;",
+        )
+        .unwrap();
+    let open = |name: &str| {
+        PostgresStore::open(
+            &db.url,
+            PostgresOptions::new(vec![TableConfig::new(TableName::new(name).unwrap())]),
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let text = open("nokey");
+    assert!(
+        text.contains("nokey") && text.contains("has no PRIMARY KEY"),
+        "{text}"
+    );
+    let text = open("items");
+    assert!(
+        text.contains("items") && text.contains("column tags") && text.contains("text[]"),
+        "{text}"
+    );
+    let text = open("realkey");
+    assert!(
+        text.contains("primary-key column k has type double precision"),
+        "{text}"
+    );
+    assert!(open("missing").contains("no such table"));
+    assert!(open("v").contains("is a view"));
+    assert!(matches!(
+        PostgresStore::open(&db.url, PostgresOptions::new(vec![])),
+        Err(OpenError::NoTables)
+    ));
+    // nothing was left half-installed: no triggers on the user's tables
+    let triggers: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 0);
+}
+
+#[test]
+fn existing_rows_are_bootstrapped_and_added_columns_are_picked_up() {
+    let Some(db) = TestDb::create("bootstrap") else {
+        return;
+    };
+    let mut client = db.client();
+    client
+        .batch_execute(&format!(
+            "{DDL} INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2);"
+        ))
+        .unwrap();
+    let clock = ManualClock::new(T0);
+    let (mut store, _) = open(&db, 1, &clock, DDL);
+    assert_eq!(
+        store.capture(100).unwrap().changes.len(),
+        2,
+        "existing rows get versions at install"
+    );
+    drop(store);
+    let (mut store, _) = open(&db, 1, &clock, DDL);
+    assert!(
+        store.capture(100).unwrap().changes.is_empty(),
+        "reopening does not bootstrap again"
+    );
+
+    client
+        .batch_execute(
+            "ALTER TABLE items ADD COLUMN color text; UPDATE items SET color = 'red' WHERE id = 1;",
+        )
+        .unwrap();
+    let changes = store.capture(100).unwrap().changes;
+    assert_eq!(changes.len(), 1);
+    let cells: Vec<&str> = changes[0]
+        .cells()
+        .iter()
+        .map(|c| c.column.as_str())
+        .collect();
+    assert_eq!(cells, vec!["color"]);
+    assert!(
+        store.schemas()[0]
+            .column(&ColumnName::new("color").unwrap())
+            .is_some()
+    );
+}
+
+#[test]
+fn a_store_keeps_its_node_id_and_refuses_another() {
+    let Some(db) = TestDb::create("node_id") else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let (store, _) = open(&db, 7, &clock, DDL);
+    drop(store);
+    let mut options = PostgresOptions::new(vec![TableConfig::new(items())]);
+    options.node_id = Some(NodeId::new(8));
+    let err = PostgresStore::open(&db.url, options).unwrap_err();
+    assert!(err.to_string().contains("installed for node"), "{err}");
+}
+
+#[test]
+fn compaction_drops_superseded_entries_and_a_peer_behind_retention_must_bootstrap() {
+    let Some(dbs) = databases("compaction", 3) else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let (mut a, mut ca) = open(&dbs[0], 1, &clock, DDL);
+    ca.batch_execute("INSERT INTO items VALUES (1, 'a', 0)")
+        .unwrap();
+    a.capture(10).unwrap();
+    for i in 1..=10i64 {
+        ca.execute(
+            "UPDATE items SET name = $1, qty = $2 WHERE id = 1",
+            &[&format!("v{i}"), &i],
+        )
+        .unwrap();
+        a.capture(10).unwrap();
+    }
+    ca.batch_execute("INSERT INTO items VALUES (2, 'b', 0)")
+        .unwrap();
+    a.capture(10).unwrap();
+    assert_eq!(a.read_log(LogSeq(0), 100).unwrap().entries.len(), 12);
+    let slow_peer = NodeId::new(99);
+    assert_eq!(
+        a.record_ack(slow_peer, LogSeq(0)).unwrap(),
+        PeerLogState::Stream
+    );
+
+    let report = a
+        .compact(&CompactionPolicy {
+            retain_entries_min: 0,
+            retain_entries_max: 100,
+            scan_entries_max: 1000,
+        })
+        .unwrap();
+    assert_eq!(report.superseded_dropped, 10, "{report:?}");
+    assert_eq!(
+        report.retired_dropped, 0,
+        "the slow peer has not acknowledged anything"
+    );
+    let (mut b, mut cb) = open(&dbs[1], 2, &clock, DDL);
+    sync(&mut a, &mut b);
+    assert_eq!(rows(&mut cb), rows(&mut ca));
+
+    let report = a
+        .compact(&CompactionPolicy {
+            retain_entries_min: 0,
+            retain_entries_max: 1,
+            scan_entries_max: 1000,
+        })
+        .unwrap();
+    assert_eq!(report.peers_marked_for_bootstrap, vec![slow_peer]);
+    assert!(matches!(
+        a.peer_state(slow_peer, LogSeq(0)).unwrap(),
+        PeerLogState::NeedsBootstrap { .. }
+    ));
+    assert!(matches!(
+        a.record_ack(slow_peer, LogSeq(0)).unwrap(),
+        PeerLogState::NeedsBootstrap { .. }
+    ));
+
+    // the re-bootstrap: a snapshot in small chunks, then the log from the snapshot's head
+    let (mut c, mut cc) = open(&dbs[2], 3, &clock, DDL);
+    let mut after = None;
+    let mut head = None;
+    loop {
+        let chunk = a.snapshot_chunk(&items(), after.as_ref(), 1).unwrap();
+        head.get_or_insert(chunk.log_head);
+        c.apply_batch(a.node_id(), &chunk.changes, LogSeq(0))
+            .unwrap();
+        match chunk.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(rows(&mut cc), rows(&mut ca));
+    assert_eq!(
+        a.record_ack(slow_peer, head.unwrap()).unwrap(),
+        PeerLogState::Stream
+    );
+}
+
+#[test]
+fn a_change_stamped_too_far_ahead_is_held_then_released() {
+    let Some(dbs) = databases("held", 2) else {
+        return;
+    };
+    let fast = ManualClock::new(T0 + 60_000);
+    let slow = ManualClock::new(T0);
+    let (mut a, mut ca) = open(&dbs[0], 1, &fast, DDL);
+    let (mut b, mut cb) = open(&dbs[1], 2, &slow, DDL);
+    ca.batch_execute("INSERT INTO items VALUES (1, 'from the future', 1)")
+        .unwrap();
+    a.capture(10).unwrap();
+    let report = sync(&mut a, &mut b);
+    assert_eq!((report.held, report.applied), (1, 0));
+    assert!(rows(&mut cb).is_empty());
+    assert_eq!(b.held_count().unwrap(), 1);
+    assert!(
+        b.hlc().last().physical_ms() < T0 + 60_000,
+        "a held change does not drag the clock forward"
+    );
+    assert_eq!(b.release_held().unwrap().applied, 0, "still too far ahead");
+    slow.set(T0 + 56_000);
+    assert_eq!(b.release_held().unwrap().applied, 1);
+    assert_eq!(rows(&mut cb), rows(&mut ca));
+    assert_eq!(b.held_count().unwrap(), 0);
+}
+
+#[test]
+fn concurrent_writes_are_resolved_and_recorded_in_the_ledger() {
+    let Some(dbs) = databases("ledger", 2) else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let (mut a, mut ca) = open(&dbs[0], 1, &clock, DDL);
+    let (mut b, mut cb) = open(&dbs[1], 2, &clock, DDL);
+    ca.batch_execute("INSERT INTO items VALUES (1, 'tea', 10)")
+        .unwrap();
+    a.capture(10).unwrap();
+    sync(&mut a, &mut b);
+    ca.batch_execute("UPDATE items SET name = 'green tea' WHERE id = 1")
+        .unwrap();
+    a.capture(10).unwrap();
+    clock.advance(5);
+    cb.batch_execute("UPDATE items SET name = 'black tea' WHERE id = 1")
+        .unwrap();
+    b.capture(10).unwrap();
+    sync(&mut a, &mut b);
+    sync(&mut b, &mut a);
+    assert_eq!(rows(&mut ca), rows(&mut cb));
+    assert_eq!(rows(&mut ca)[0].1.as_deref(), Some("black tea"));
+    for store in [&mut a, &mut b] {
+        let conflicts = store.conflicts(10).unwrap();
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert_eq!(conflicts[0].record.loser.value, Some("green tea".into()));
+        assert_eq!(store.table_stats().unwrap()[0].conflicts, 1);
+    }
+    // reconciliation fingerprints agree once converged
+    assert_eq!(
+        a.top_fingerprints(&items()).unwrap(),
+        b.top_fingerprints(&items()).unwrap()
+    );
+    assert_eq!(a.content_digests().unwrap(), b.content_digests().unwrap());
+}
+
+#[test]
+fn a_local_write_that_loses_at_once_is_set_back_to_the_winner() {
+    let Some(db) = TestDb::create("revert") else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let mut client = db.client();
+    client.batch_execute(DDL).unwrap();
+    let mut config = TableConfig::new(items());
+    config.column_kinds = vec![(ColumnName::new("qty").unwrap(), ColumnKind::Max)];
+    let mut options = PostgresOptions::new(vec![config]);
+    options.node_id = Some(NodeId::new(1));
+    let mut store = PostgresStore::open_with_clock(&db.url, options, clock).unwrap();
+    client
+        .batch_execute("INSERT INTO items VALUES (1, 'a', 10)")
+        .unwrap();
+    store.capture(10).unwrap();
+    client
+        .batch_execute("UPDATE items SET qty = 3 WHERE id = 1")
+        .unwrap();
+    let report = store.capture(10).unwrap();
+    assert_eq!(report.reverted, 1);
+    assert_eq!(rows(&mut client), vec![(1, Some("a".into()), Some(10))]);
+    assert_eq!(store.conflicts(10).unwrap().len(), 1);
+    // the revert itself was not captured as a new write
+    assert!(store.capture(10).unwrap().changes.is_empty());
+}
+
+#[test]
+fn oversized_batches_are_refused_before_touching_the_store() {
+    let Some(dbs) = databases("oversized", 2) else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let (mut a, _) = open(&dbs[0], 1, &clock, DDL);
+    let change = {
+        let (mut src, mut c) = open(&dbs[1], 2, &clock, DDL);
+        c.batch_execute("INSERT INTO items VALUES (1, 'a', 1)")
+            .unwrap();
+        src.capture(1).unwrap().changes.remove(0)
+    };
+    let batch = vec![change; driftless_store::APPLY_BATCH_CHANGES_MAX + 1];
+    let err = a
+        .apply_batch(NodeId::new(2), &batch, LogSeq(1))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::BatchTooLarge { .. }), "{err}");
+    assert_eq!(a.cursor(NodeId::new(2)).unwrap(), LogSeq(0));
+}
+
+#[test]
+fn truncate_of_a_synced_table_is_refused_and_verify_repairs_writes_behind_our_back() {
+    let Some(db) = TestDb::create("truncate") else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let (mut store, mut client) = open(&db, 1, &clock, DDL);
+    client
+        .batch_execute("INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2)")
+        .unwrap();
+    store.capture(10).unwrap();
+    let err = client.batch_execute("TRUNCATE items").unwrap_err();
+    assert!(
+        err.to_string().contains("use DELETE") || format!("{err:?}").contains("use DELETE"),
+        "{err:?}"
+    );
+    // a write behind driftless's back (capture bypassed by the setting driftless uses itself)
+    client
+        .batch_execute(
+            "BEGIN; SET LOCAL driftless.applying = 'on'; UPDATE items SET name = 'sneaky' WHERE id = 1; \
+             INSERT INTO items VALUES (3, 'never captured', 3); COMMIT;",
+        )
+        .unwrap();
+    let check = store.verify_chunk(&items(), None, 100, false).unwrap();
+    assert_eq!(
+        (check.checked, check.restored, check.adopted),
+        (3, 1, 1),
+        "{check:?}"
+    );
+    let repaired = store.verify_chunk(&items(), None, 100, true).unwrap();
+    assert_eq!((repaired.restored, repaired.adopted), (1, 1));
+    assert_eq!(
+        rows(&mut client),
+        vec![
+            (1, Some("a".into()), Some(1)),
+            (2, Some("b".into()), Some(2)),
+            (3, Some("never captured".into()), Some(3))
+        ]
+    );
+    let again = store.verify_chunk(&items(), None, 100, false).unwrap();
+    assert_eq!((again.restored, again.adopted), (0, 0));
+    assert!(
+        store
+            .conflicts(10)
+            .unwrap()
+            .iter()
+            .any(|c| c.record.rule == driftless_core::ConflictRule::Drift)
+    );
+}
+
+#[test]
+fn the_store_works_from_tokio_blocking_threads_on_a_multi_thread_runtime() {
+    let Some(dbs) = databases("spawn_blocking", 2) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let urls: Vec<String> = dbs.iter().map(|d| d.url.clone()).collect();
+    for db in &dbs {
+        db.client().batch_execute(DDL).unwrap();
+    }
+    runtime.block_on(async move {
+        let open = |url: String, node: u128| {
+            tokio::task::spawn_blocking(move || {
+                let mut options = PostgresOptions::new(vec![TableConfig::new(items())]);
+                options.node_id = Some(NodeId::new(node));
+                PostgresStore::open(&url, options).unwrap()
+            })
+        };
+        let a = open(urls[0].clone(), 1).await.unwrap();
+        let b = open(urls[1].clone(), 2).await.unwrap();
+        let store = std::sync::Arc::new(std::sync::Mutex::new((a, b)));
+        let mut client = tokio::task::spawn_blocking({
+            let url = urls[0].clone();
+            move || postgres::Client::connect(&url, postgres::NoTls).unwrap()
+        })
+        .await
+        .unwrap();
+        let client = tokio::task::spawn_blocking(move || {
+            client
+                .batch_execute("INSERT INTO items VALUES (1, 'x', 1)")
+                .unwrap();
+            client
+        })
+        .await
+        .unwrap();
+        let shared = store.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            let mut guard = shared.lock().unwrap();
+            let (a, b) = &mut *guard;
+            a.capture(10).unwrap();
+            sync(a, b).applied
+        })
+        .await
+        .unwrap();
+        assert_eq!(applied, 1);
+        tokio::task::spawn_blocking(move || drop(client))
+            .await
+            .unwrap();
+        // the stores are dropped here, on a runtime worker thread: that must not panic
+        drop(store);
+    });
+}
+
+/// Drops test roles (cluster-wide) when dropped, after the databases using them.
+struct Roles(Vec<String>);
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = postgres::Client::connect(&common::admin_url(), postgres::NoTls) {
+            for role in &self.0 {
+                let _ = admin.batch_execute(&format!(
+                    "DROP ROLE IF EXISTS {}",
+                    driftless_postgres::quote_ident(role)
+                ));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_role_with_only_the_documented_grants_runs_driftless_and_clients_need_no_grant_on_its_schema() {
+    let suffix = format!("{}_{}", std::process::id(), T0 % 1000);
+    let (driftless_role, app_role) = (format!("dl_{suffix}"), format!("app_{suffix}"));
+    let roles = Roles(vec![driftless_role.clone(), app_role.clone()]);
+    let Some(dbs) = databases("least_privilege", 2) else {
+        return;
+    };
+    let mut admin = dbs[0].client();
+    let q = driftless_postgres::quote_ident;
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {dl}; DROP ROLE IF EXISTS {app};
+             CREATE ROLE {dl} LOGIN NOSUPERUSER; CREATE ROLE {app} LOGIN NOSUPERUSER;
+             {DDL}
+             -- the documented grants: CREATE on the database (for its schema), and on each
+             -- synced table SELECT, INSERT, UPDATE, DELETE and TRIGGER
+             GRANT CREATE ON DATABASE {db} TO {dl};
+             GRANT SELECT, INSERT, UPDATE, DELETE, TRIGGER ON items TO {dl};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON items TO {app};",
+            dl = q(&driftless_role),
+            app = q(&app_role),
+            db = q(&dbs[0].name),
+        ))
+        .unwrap();
+    let as_role = |role: &str| format!("{} user={role}", dbs[0].url.replace("user=postgres", ""));
+    let mut options = PostgresOptions::new(vec![TableConfig::new(items())]);
+    options.node_id = Some(NodeId::new(1));
+    let mut a = PostgresStore::open(&as_role(&driftless_role), options).unwrap();
+    let superuser: bool = a
+        .client()
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!superuser);
+    // the application role writes; the trigger records it although the role has no privilege
+    // on driftless's schema
+    let mut app = postgres::Client::connect(&as_role(&app_role), postgres::NoTls).unwrap();
+    app.batch_execute("INSERT INTO items VALUES (1, 'by the app', 1)")
+        .unwrap();
+    assert!(
+        app.batch_execute("SELECT * FROM driftless.pending")
+            .is_err()
+    );
+    assert_eq!(a.capture(10).unwrap().changes.len(), 1);
+    // and remote changes apply under the same role (b's clock reads now, like a's)
+    let clock = ManualClock::new(driftless_core::Clock::now_ms(&driftless_store::SystemClock));
+    let (mut b, mut cb) = open(&dbs[1], 2, &clock, DDL);
+    cb.batch_execute("INSERT INTO items VALUES (2, 'remote', 2)")
+        .unwrap();
+    b.capture(10).unwrap();
+    assert_eq!(sync(&mut b, &mut a).applied, 1);
+    assert_eq!(sync(&mut a, &mut b).applied, 1);
+    assert_eq!(rows(&mut admin), rows(&mut cb));
+    drop(a);
+    drop(app);
+    drop(dbs);
+    drop(roles);
+}
+
+#[test]
+fn the_store_can_be_the_nodes_boxed_store() {
+    // the node keeps its store as `Box<dyn Store + Send>` behind a mutex
+    fn boxed(store: PostgresStore) -> Box<dyn Store + Send> {
+        Box::new(store)
+    }
+    let _ = boxed;
+}
+
+#[test]
+fn writes_committed_while_driftless_installs_are_all_captured() {
+    let Some(db) = TestDb::create("install_race") else {
+        return;
+    };
+    let mut client = db.client();
+    client.batch_execute(DDL).unwrap();
+    // a client inserting rows, one transaction each, for as long as the install takes
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let mut writer_client = db.client();
+        std::thread::spawn(move || {
+            let mut id = 1i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                writer_client
+                    .execute("INSERT INTO items VALUES ($1, 'racing', 1)", &[&id])
+                    .unwrap();
+                id += 1;
+            }
+            id - 1
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let clock = ManualClock::new(T0);
+    let (mut store, _) = open(&db, 1, &clock, DDL);
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    let mut captured = 0;
+    loop {
+        let n = store.capture(10_000).unwrap().changes.len();
+        captured += n;
+        if n == 0 {
+            break;
+        }
+    }
+    assert!(
+        written > 10,
+        "the writer raced the install ({written} rows)"
+    );
+    assert_eq!(
+        captured as i64, written,
+        "every row written around the install is captured exactly once"
+    );
+}

@@ -305,10 +305,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
                         eprintln!(
                             "admin API at {addr} unreachable ({e}); reading the store directly"
                         );
-                        (ops::offline_status(&config)?, false)
+                        (offline_status(&config).await?, false)
                     }
                 },
-                None => (ops::offline_status(&config)?, false),
+                None => (offline_status(&config).await?, false),
             };
             if json {
                 let mut value = serde_json::to_value(&status)?;
@@ -370,6 +370,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
                 | DlqAction::Drop { config, json, .. } => (config.clone(), *json),
             };
             let config = Config::load(&config)?;
+            blocking(move || {
             let mut store = driftless_node::open_store(&config)?;
             match action {
                 DlqAction::List { limit, .. } => {
@@ -403,6 +404,8 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             Ok(ExitCode::SUCCESS)
+            })
+            .await
         }
         Command::Conflicts {
             action:
@@ -413,16 +416,33 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             let config = Config::load(&config)?;
-            let mut store = driftless_node::open_store(&config)?;
-            let conflicts = store.conflicts(limit.min(LISTING_ROWS_MAX))?;
-            if json {
-                print_json(&ops::conflicts_json(&conflicts));
-            } else {
-                print!("{}", ops::render_conflicts(&conflicts));
-            }
-            Ok(ExitCode::SUCCESS)
+            blocking(move || {
+                let mut store = driftless_node::open_store(&config)?;
+                let conflicts = store.conflicts(limit.min(LISTING_ROWS_MAX))?;
+                if json {
+                    print_json(&ops::conflicts_json(&conflicts));
+                } else {
+                    print!("{}", ops::render_conflicts(&conflicts));
+                }
+                Ok(ExitCode::SUCCESS)
+            })
+            .await
         }
     }
+}
+
+/// Runs store work off the async threads (the PostgreSQL client blocks on a runtime of its own).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+async fn offline_status(
+    config: &driftless_node::ResolvedConfig,
+) -> anyhow::Result<driftless_node::NodeStatus> {
+    let config = config.clone();
+    blocking(move || Ok(ops::offline_status(&config)?)).await
 }
 
 fn main() -> ExitCode {

@@ -252,6 +252,10 @@ pub async fn run(
         active: Mutex::new(HashSet::new()),
         config,
     });
+    ctx.metrics.initialize(
+        ctx.tables.iter().map(|(t, _)| t.as_str()),
+        ctx.config.file.peers.iter().map(|p| p.name.as_str()),
+    );
     tracing::info!(node = %ctx.name, id = %ctx.node_id, "node starting");
 
     let poller = {

@@ -203,6 +203,70 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Creates the zero-valued series a node can know in advance (its tables, the peers it
+    /// dials, every reason and trigger), so dashboards and `rate()` see a 0 instead of nothing
+    /// before the first event.
+    pub fn initialize<'a>(
+        &self,
+        tables: impl IntoIterator<Item = &'a str>,
+        peers: impl IntoIterator<Item = &'a str>,
+    ) {
+        for table in tables {
+            let t = TableLabel {
+                table: table.to_owned(),
+            };
+            self.changes_captured.get_or_create(&t);
+            self.drift_incidents.get_or_create(&t);
+            self.dead_letters.get_or_create(&t);
+            for reason in [
+                "unknown_table",
+                "unknown_column",
+                "constraint",
+                "invalid",
+                "clock",
+            ] {
+                self.apply_errors.get_or_create(&TableReasonLabel {
+                    table: table.to_owned(),
+                    reason: reason.to_owned(),
+                });
+            }
+            for rule in ["lww", "priority", "max", "min", "delete_wins", "drift"] {
+                self.conflicts.get_or_create(&TableRuleLabel {
+                    table: table.to_owned(),
+                    rule: rule.to_owned(),
+                });
+            }
+        }
+        for peer in peers {
+            let p = self.peer(peer);
+            self.lag.get_or_create(&p);
+            self.changes_applied.get_or_create(&p);
+            self.duplicates.get_or_create(&p);
+            self.backlog.get_or_create(&p);
+            self.peer_connected.get_or_create(&p);
+        }
+        for reason in ["reconnect", "dead_letter_retry"] {
+            self.retries.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+        }
+        for reason in ["tls", "token", "identity"] {
+            self.auth_failures.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+        }
+        for reason in ["oversized", "malformed", "unexpected"] {
+            self.protocol_errors.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+        }
+        for trigger in ["scheduled", "manual", "event"] {
+            self.reconciliation_runs.get_or_create(&TriggerLabel {
+                trigger: trigger.into(),
+            });
+        }
+    }
+
     /// The metrics in the OpenMetrics text format.
     pub fn render(&self) -> String {
         let mut out = String::new();

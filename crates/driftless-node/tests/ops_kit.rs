@@ -7,37 +7,104 @@
 //! promtool comes from Debian's `prometheus` package. When it is missing the promtool test is
 //! skipped with a message, except under CI (`CI` set), where a missing promtool fails it.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use support::*;
 
-/// Every metric a node exports (issue 6), without the `_bucket`/`_sum`/`_count` series of
-/// histograms (see `HISTOGRAMS`). `up` is Prometheus's own and is not listed.
-///
-/// The lead will replace this copy by scraping a live node's `/metrics` once the metrics land
-/// (the `# TYPE` lines give both the names and which of them are histograms), so the kit is
-/// checked against what is really exported.
-const KNOWN_METRICS: &[&str] = &[
-    "driftless_replication_lag_seconds",
-    "driftless_convergence_ratio",
-    "driftless_apply_errors_total",
-    "driftless_changes_applied_total",
-    "driftless_changes_captured_total",
-    "driftless_duplicate_changes_total",
-    "driftless_reconciliation_runs_total",
-    "driftless_drift_incidents_total",
-    "driftless_backlog_changes",
-    "driftless_retries_total",
-    "driftless_auth_failures_total",
-    "driftless_protocol_errors_total",
-    "driftless_conflicts_total",
-    "driftless_dead_letters",
-    "driftless_clock_holds_total",
-    "driftless_peer_connected",
-];
+/// Every metric a running node exports, read from its `/metrics` after traffic (the `# TYPE`
+/// lines give each family's name and type): `(series names, histogram base names)`. Counters are
+/// exported as `<name>_total`; histograms as `_bucket`, `_sum` and `_count` series.
+fn exported() -> &'static (BTreeSet<String>, BTreeSet<String>) {
+    static EXPORTED: std::sync::OnceLock<(BTreeSet<String>, BTreeSet<String>)> =
+        std::sync::OnceLock::new();
+    EXPORTED.get_or_init(|| {
+        let text = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(scrape_live_node());
+        let mut names = BTreeSet::new();
+        let mut histograms = BTreeSet::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let mut parts = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            match kind {
+                "counter" => {
+                    names.insert(format!("{name}_total"));
+                }
+                "histogram" => {
+                    names.insert(name.to_owned());
+                    histograms.insert(name.to_owned());
+                }
+                _ => {
+                    names.insert(name.to_owned());
+                }
+            }
+        }
+        (names, histograms)
+    })
+}
 
-/// The members of `KNOWN_METRICS` that are histograms.
-const HISTOGRAMS: &[&str] = &["driftless_replication_lag_seconds"];
+/// Runs a hub and an edge in this process, makes some traffic and a convergence check, and
+/// returns the hub's `/metrics`.
+async fn scrape_live_node() -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fast = |cfg: String| cfg.replace("[sync]\n", "[sync]\ncheck_interval_ms = 200\n");
+    let hub_ports = Ports::bind().await;
+    let hub_addr = hub_ports.peer_addr();
+    let mut hub = TestNode::start(
+        dir.path(),
+        "hub",
+        hub_ports,
+        fast(config_text(
+            "hub",
+            &insecure_listen_at(hub_addr),
+            &insecure_peer("edge", "127.0.0.1:9".parse().unwrap()),
+        )),
+    )
+    .await;
+    let mut edge = TestNode::start(
+        dir.path(),
+        "edge",
+        Ports::bind().await,
+        fast(config_text("edge", "", &insecure_peer("hub", hub_addr))),
+    )
+    .await;
+    edge.sql("INSERT INTO items VALUES (1, 'a', 1.0, 1)");
+    converge(&[&hub, &edge]).await;
+    let admin = hub.admin;
+    let metrics = async move || {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.expect("response");
+        body
+    };
+    eventually("a convergence check on the hub", async || {
+        metrics().await.contains("driftless_convergence_ratio{")
+    })
+    .await;
+    let text = metrics().await;
+    edge.stop().await.expect("edge stops");
+    hub.stop().await.expect("hub stops");
+    text
+}
+
+fn insecure_listen_at(addr: std::net::SocketAddr) -> String {
+    format!("[listen]\naddr = \"{addr}\"\ninsecure = true")
+}
 
 const ALERTS: &str = "deploy/prometheus/alerts.yml";
 const ALERTS_TEST: &str = "deploy/prometheus/alerts_test.yml";
@@ -95,12 +162,13 @@ fn recorded_names(text: &str) -> BTreeSet<String> {
 /// The exported metric a series name belongs to: itself, or the histogram whose `_bucket`,
 /// `_sum` or `_count` series it is.
 fn exported_metric(name: &str) -> Option<&'static str> {
-    if let Some(known) = KNOWN_METRICS.iter().find(|m| **m == name) {
-        return Some(known);
+    let (names, histograms) = exported();
+    if let Some(known) = names.get(name) {
+        return Some(known.as_str());
     }
     ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
         let base = name.strip_suffix(suffix)?;
-        HISTOGRAMS.iter().copied().find(|h| *h == base)
+        histograms.get(base).map(String::as_str)
     })
 }
 
@@ -267,9 +335,10 @@ fn rules_and_dashboard_name_only_exported_metrics() {
     ] {
         assert!(used_by_rules.contains(metric), "no alert on {metric}");
     }
-    let missing: Vec<&&str> = KNOWN_METRICS
+    let missing: Vec<&String> = exported()
+        .0
         .iter()
-        .filter(|m| !used_by_dashboard.contains(**m))
+        .filter(|m| !used_by_dashboard.contains(m.as_str()))
         .collect();
     assert!(
         missing.is_empty(),

@@ -215,9 +215,9 @@ impl Metrics {
             let t = TableLabel {
                 table: table.to_owned(),
             };
-            self.changes_captured.get_or_create(&t);
-            self.drift_incidents.get_or_create(&t);
-            self.dead_letters.get_or_create(&t);
+            let _ = self.changes_captured.get_or_create(&t);
+            let _ = self.drift_incidents.get_or_create(&t);
+            let _ = self.dead_letters.get_or_create(&t);
             for reason in [
                 "unknown_table",
                 "unknown_column",
@@ -225,13 +225,13 @@ impl Metrics {
                 "invalid",
                 "clock",
             ] {
-                self.apply_errors.get_or_create(&TableReasonLabel {
+                let _ = self.apply_errors.get_or_create(&TableReasonLabel {
                     table: table.to_owned(),
                     reason: reason.to_owned(),
                 });
             }
             for rule in ["lww", "priority", "max", "min", "delete_wins", "drift"] {
-                self.conflicts.get_or_create(&TableRuleLabel {
+                let _ = self.conflicts.get_or_create(&TableRuleLabel {
                     table: table.to_owned(),
                     rule: rule.to_owned(),
                 });
@@ -239,29 +239,29 @@ impl Metrics {
         }
         for peer in peers {
             let p = self.peer(peer);
-            self.lag.get_or_create(&p);
-            self.changes_applied.get_or_create(&p);
-            self.duplicates.get_or_create(&p);
-            self.backlog.get_or_create(&p);
-            self.peer_connected.get_or_create(&p);
+            let _ = self.lag.get_or_create(&p);
+            let _ = self.changes_applied.get_or_create(&p);
+            let _ = self.duplicates.get_or_create(&p);
+            let _ = self.backlog.get_or_create(&p);
+            let _ = self.peer_connected.get_or_create(&p);
         }
         for reason in ["reconnect", "dead_letter_retry"] {
-            self.retries.get_or_create(&ReasonLabel {
+            let _ = self.retries.get_or_create(&ReasonLabel {
                 reason: reason.into(),
             });
         }
         for reason in ["tls", "token", "identity"] {
-            self.auth_failures.get_or_create(&ReasonLabel {
+            let _ = self.auth_failures.get_or_create(&ReasonLabel {
                 reason: reason.into(),
             });
         }
         for reason in ["oversized", "malformed", "unexpected"] {
-            self.protocol_errors.get_or_create(&ReasonLabel {
+            let _ = self.protocol_errors.get_or_create(&ReasonLabel {
                 reason: reason.into(),
             });
         }
         for trigger in ["scheduled", "manual", "event"] {
-            self.reconciliation_runs.get_or_create(&TriggerLabel {
+            let _ = self.reconciliation_runs.get_or_create(&TriggerLabel {
                 trigger: trigger.into(),
             });
         }

@@ -319,54 +319,53 @@ fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
     let mut failures = 0u32;
     while !*ctx.shutdown.borrow() {
         skew.poll();
-        let result = ctx.store.call_blocking(|s| {
-            let version = s.commit_token()?;
+        let result = (|| {
+            let version = ctx.store.call_blocking(|s| s.commit_token())?;
             if seen_version != Some(version) {
                 seen_version = Some(version);
+                // Bounded rounds, each its own store call: the senders can read the log and the
+                // links can apply between them, and every round wakes the senders at once.
                 loop {
-                    let report = s.capture(CAPTURE_BATCH_ROWS_MAX)?;
-                    let captured = report.changes.len();
-                    ctx.changes_captured.fetch_add(captured as u64, Ordering::Relaxed);
-                    count_by_table(&report.changes, |table, n| {
-                        let label = crate::telemetry::TableLabel { table: table.to_owned() };
-                        ctx.metrics.changes_captured.get_or_create(&label).inc_by(n);
-                    });
+                    let (captured, head) = ctx.store.call_blocking(|s| {
+                        let report = s.capture(CAPTURE_BATCH_ROWS_MAX)?;
+                        record_captured(&ctx, &report.changes);
+                        Ok((report.changes.len(), s.log_head()?))
+                    })?;
+                    publish_head(&ctx, head);
                     if captured < CAPTURE_BATCH_ROWS_MAX {
                         break;
                     }
                 }
             }
-            if last_release.elapsed() >= RELEASE_HELD_INTERVAL {
-                last_release = Instant::now();
-                if s.release_held()?.applied > 0 {
-                    // held changes are a drift risk: reconcile soon after releasing them
-                    ctx.reconcile_soon.store(true, Ordering::Relaxed);
+            ctx.store.call_blocking(|s| {
+                if last_release.elapsed() >= RELEASE_HELD_INTERVAL {
+                    last_release = Instant::now();
+                    if s.release_held()?.applied > 0 {
+                        // held changes are a drift risk: reconcile soon after releasing them
+                        ctx.reconcile_soon.store(true, Ordering::Relaxed);
+                    }
                 }
-            }
-            if last_stats.elapsed() >= STATS_INTERVAL {
-                last_stats = Instant::now();
-                for t in s.table_stats()? {
-                    let label = crate::telemetry::TableLabel { table: t.table.to_string() };
-                    ctx.metrics.dead_letters.get_or_create(&label).set(t.dead_letters as i64);
+                if last_stats.elapsed() >= STATS_INTERVAL {
+                    last_stats = Instant::now();
+                    for (table, n) in s.dead_letter_counts()? {
+                        let label = crate::telemetry::TableLabel { table: table.to_string() };
+                        ctx.metrics.dead_letters.get_or_create(&label).set(n as i64);
+                    }
                 }
-            }
-            if last_compact.elapsed() >= compact_every {
-                last_compact = Instant::now();
-                let report = s.compact(&policy)?;
-                for peer in report.peers_marked_for_bootstrap {
-                    tracing::warn!(peer = %peer, "peer fell behind the log's retention; it will be re-bootstrapped");
+                if last_compact.elapsed() >= compact_every {
+                    last_compact = Instant::now();
+                    let report = s.compact(&policy)?;
+                    for peer in report.peers_marked_for_bootstrap {
+                        tracing::warn!(peer = %peer, "peer fell behind the log's retention; it will be re-bootstrapped");
+                    }
                 }
-            }
-            s.log_head()
-        });
+                s.log_head()
+            })
+        })();
         match result {
             Ok(head) => {
                 failures = 0;
-                ctx.head.send_if_modified(|h| {
-                    let changed = *h != head;
-                    *h = head;
-                    changed
-                });
+                publish_head(&ctx, head);
             }
             Err(e) => {
                 // Usually a lock held too long by another process: log, back off, retry.
@@ -379,6 +378,27 @@ fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
         std::thread::sleep(poll);
     }
     Ok(())
+}
+
+/// Wakes the senders when the log head moved.
+pub(crate) fn publish_head(ctx: &Context, head: driftless_store::LogSeq) {
+    ctx.head.send_if_modified(|h| {
+        let changed = *h != head;
+        *h = head;
+        changed
+    });
+}
+
+/// Counts captured local writes (status and `driftless_changes_captured_total{table}`).
+pub(crate) fn record_captured(ctx: &Context, changes: &[driftless_core::Change]) {
+    ctx.changes_captured
+        .fetch_add(changes.len() as u64, Ordering::Relaxed);
+    count_by_table(changes, |table, n| {
+        let label = crate::telemetry::TableLabel {
+            table: table.to_owned(),
+        };
+        ctx.metrics.changes_captured.get_or_create(&label).inc_by(n);
+    });
 }
 
 /// Calls `f(table, count)` once per table appearing in `changes`.

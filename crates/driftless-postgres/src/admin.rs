@@ -302,6 +302,22 @@ impl<C: Clock> Store for PostgresStore<C> {
         self.read(|s| s.table_stats_impl())
     }
 
+    fn dead_letter_counts(&mut self) -> Result<Vec<(TableName, u64)>, StoreError> {
+        self.read(|s| {
+            let sql = format!("SELECT count(*) FROM {}.dead_letters WHERE tbl = $1", s.ds);
+            let mut out = Vec::new();
+            for synced in s.synced.clone() {
+                let stmt = s.stmt(&sql)?;
+                let n: i64 = s
+                    .client
+                    .query_one(&stmt, &[&synced.schema.name.as_str()])?
+                    .get(0);
+                out.push((synced.schema.name.clone(), n as u64));
+            }
+            Ok(out)
+        })
+    }
+
     fn commit_token(&mut self) -> Result<u64, StoreError> {
         self.read(|s| s.commit_token_impl())
     }

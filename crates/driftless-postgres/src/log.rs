@@ -201,6 +201,19 @@ impl<C: Clock> PostgresStore<C> {
                 }
             }
             if target > floor.0 {
+                // Bounded per call: the floor moves up at most `retire_entries_max` entries.
+                let step_sql = format!(
+                    "SELECT seq FROM {}.log WHERE seq > $1 ORDER BY seq LIMIT 1 OFFSET $2",
+                    store.ds
+                );
+                let stmt = store.stmt(&step_sql)?;
+                let offset = policy.retire_entries_max.saturating_sub(1) as i64;
+                if let Some(row) = store
+                    .client
+                    .query_opt(&stmt, &[&(floor.0 as i64), &offset])?
+                {
+                    target = target.min(row.get::<_, i64>(0) as u64);
+                }
                 let sql = format!("DELETE FROM {}.log WHERE seq <= $1", store.ds);
                 let stmt = store.stmt(&sql)?;
                 report.retired_dropped = store.client.execute(&stmt, &[&(target as i64)])? as usize;

@@ -174,6 +174,7 @@ impl<C: Clock> PostgresStore<C> {
             let mut captured = CaptureReport::default();
             store.capture_all_in_tx(&mut captured)?;
             report.captured = captured.changes.len();
+            report.captured_tables = captured.changes.iter().map(|c| c.table.clone()).collect();
             store.apply_many(Some(from), changes, &mut report)?;
             Ok(report)
         })

@@ -332,6 +332,7 @@ fn compaction_drops_superseded_entries_and_a_peer_behind_retention_must_bootstra
             retain_entries_min: 0,
             retain_entries_max: 100,
             scan_entries_max: 1000,
+            retire_entries_max: 50_000,
         })
         .unwrap();
     assert_eq!(report.superseded_dropped, 10, "{report:?}");
@@ -348,6 +349,7 @@ fn compaction_drops_superseded_entries_and_a_peer_behind_retention_must_bootstra
             retain_entries_min: 0,
             retain_entries_max: 1,
             scan_entries_max: 1000,
+            retire_entries_max: 50_000,
         })
         .unwrap();
     assert_eq!(report.peers_marked_for_bootstrap, vec![slow_peer]);

@@ -336,6 +336,19 @@ impl<C: Clock> Store for SqliteStore<C> {
         Ok(self.data_version()? as u64)
     }
 
+    fn dead_letter_counts(&mut self) -> Result<Vec<(TableName, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for schema in &self.schemas {
+            let n: i64 = self
+                .conn
+                .prepare_cached("SELECT count(*) FROM _driftless_dead_letters WHERE tbl = ?1")
+                .and_then(|mut s| s.query_row([schema.name.as_str()], |r| r.get(0)))
+                .map_err(db)?;
+            out.push((schema.name.clone(), n as u64));
+        }
+        Ok(out)
+    }
+
     fn held_count(&mut self) -> Result<u64, StoreError> {
         let n: i64 = self
             .conn

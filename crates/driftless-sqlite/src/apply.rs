@@ -51,9 +51,14 @@ impl<C: Clock> SqliteStore<C> {
             let mut report = ApplyReport::default();
             // Local writes first, so every one of them is merged before any remote value can
             // touch its row.
-            let mut captured = CaptureReport::default();
-            store.capture_all_in_tx(&mut captured)?;
-            report.captured = captured.changes.len();
+            // (A batch with no changes only moves the cursor: e.g. the sender filtered out
+            // changes that originated here. Nothing to protect, so nothing to stamp.)
+            if !changes.is_empty() {
+                let mut captured = CaptureReport::default();
+                store.capture_all_in_tx(&mut captured)?;
+                report.captured = captured.changes.len();
+                report.captured_tables = captured.changes.iter().map(|c| c.table.clone()).collect();
+            }
             for change in changes {
                 store.apply_one(Some(from), change, &mut report)?;
             }

@@ -11,7 +11,7 @@ use driftless_store::{
     ApplyReport, CompactionPolicy, CompactionReport, LOG_PAGE_ENTRIES_MAX, LogEntry, LogPage,
     LogSeq, PeerLogState, SNAPSHOT_CHUNK_ROWS_MAX, SnapshotChunk, StoreError,
 };
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 
 /// Most held changes examined per release call.
 const HELD_RELEASE_MAX: usize = 10_000;
@@ -195,6 +195,20 @@ impl<C: Clock> SqliteStore<C> {
                 target = target.max(cut as u64);
             }
             if target > floor.0 {
+                // Bounded per call (the write lock is held meanwhile): the floor moves up in
+                // steps of at most `retire_entries_max` entries; the next call continues.
+                let step: Option<i64> = store
+                    .conn
+                    .query_row(
+                        "SELECT seq FROM _driftless_log WHERE seq > ?1 ORDER BY seq LIMIT 1 OFFSET ?2",
+                        params![floor.0 as i64, policy.retire_entries_max.saturating_sub(1) as i64],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(db)?;
+                if let Some(step) = step {
+                    target = target.min(step as u64);
+                }
                 report.retired_dropped = store
                     .conn
                     .execute("DELETE FROM _driftless_log WHERE seq <= ?1", [target as i64])

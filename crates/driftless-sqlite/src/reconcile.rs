@@ -156,6 +156,7 @@ impl<C: Clock> SqliteStore<C> {
             let mut captured = CaptureReport::default();
             store.capture_all_in_tx(&mut captured)?;
             report.captured = captured.changes.len();
+            report.captured_tables = captured.changes.iter().map(|c| c.table.clone()).collect();
             for change in changes {
                 store.apply_one(Some(from), change, &mut report)?;
             }

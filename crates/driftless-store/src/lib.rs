@@ -108,6 +108,9 @@ pub trait Store {
     /// (SQLite: `PRAGMA data_version`). The node polls it to stamp and ship foreign writes fast.
     fn commit_token(&mut self) -> Result<u64, StoreError>;
 
+    /// Dead letters per synced table (cheap: no scan of the user tables, unlike `table_stats`).
+    fn dead_letter_counts(&mut self) -> Result<Vec<(TableName, u64)>, StoreError>;
+
     /// Number of changes held because they were stamped too far ahead.
     fn held_count(&mut self) -> Result<u64, StoreError>;
 

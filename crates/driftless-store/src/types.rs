@@ -126,8 +126,10 @@ pub struct ApplyReport {
     pub dead_lettered: usize,
     /// Changes held because they are stamped too far ahead of the local clock.
     pub held: usize,
-    /// Local writes stamped first, in the same transaction.
+    /// Local writes stamped first, in the same transaction ...
     pub captured: usize,
+    /// ... and their tables, one entry per change (for metrics).
+    pub captured_tables: Vec<TableName>,
     /// Dead letters retried automatically because another change to their row applied.
     pub retried: usize,
     /// One entry per new conflict: its table and rule (for metrics).
@@ -170,6 +172,8 @@ impl ApplyReport {
         self.dead_lettered += other.dead_lettered;
         self.held += other.held;
         self.captured += other.captured;
+        self.captured_tables
+            .extend(other.captured_tables.iter().cloned());
         self.retried += other.retried;
         self.conflict_rules
             .extend(other.conflict_rules.iter().cloned());
@@ -198,8 +202,11 @@ pub struct CompactionPolicy {
     /// that had not applied them are marked for re-bootstrap (the disk never fills up because a
     /// peer went away).
     pub retain_entries_max: u64,
-    /// Most entries examined per call (bounds the transaction).
+    /// Most entries examined for supersession per call (bounds the transaction).
     pub scan_entries_max: usize,
+    /// Most entries retired (dropped below the floor) per call (bounds the transaction; a log
+    /// far over its limit shrinks over several calls).
+    pub retire_entries_max: usize,
 }
 
 impl Default for CompactionPolicy {
@@ -207,7 +214,8 @@ impl Default for CompactionPolicy {
         CompactionPolicy {
             retain_entries_min: 10_000,
             retain_entries_max: 10_000_000,
-            scan_entries_max: 100_000,
+            scan_entries_max: 20_000,
+            retire_entries_max: 50_000,
         }
     }
 }

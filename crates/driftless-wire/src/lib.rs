@@ -110,10 +110,10 @@ pub enum Message {
     Goodbye {
         reason: String,
     },
-    /// Content digests of the sender's tables, taken when its log head was `head` and it had
-    /// applied the receiver's log up to `cursor`. The receiver compares them with its own only
-    /// when both sides had applied everything of each other (otherwise they may differ
-    /// legitimately).
+    /// The sender's reconciliation fingerprints (one per top bucket) of each table, taken when
+    /// its log head was `head` and it had applied the receiver's log up to `cursor`. The
+    /// receiver compares them with its own only when both sides had applied everything of each
+    /// other (otherwise they may differ legitimately).
     Digest {
         head: LogSeq,
         cursor: LogSeq,
@@ -167,12 +167,11 @@ pub enum ReconReply {
     Refused { reason: String },
 }
 
-/// One table's digest in a [`Message::Digest`].
+/// One table's fingerprints in a [`Message::Digest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableDigestWire {
     pub table: TableName,
-    pub rows: u64,
-    pub digest: [u8; 16],
+    pub fingerprints: Vec<i64>,
 }
 
 /// Errors reading or writing messages.
@@ -262,8 +261,7 @@ fn encode_payload(message: &Message) -> (u8, Vec<u8>) {
             e.u32(tables.len());
             for t in tables {
                 e.bytes(t.table.as_str().as_bytes());
-                e.u64(t.rows);
-                e.bytes(&t.digest);
+                put_i64s(&mut e, &t.fingerprints);
             }
             TAG_DIGEST
         }
@@ -449,21 +447,16 @@ fn decode_payload(tag: u8, payload: &[u8]) -> Result<Message, WireError> {
         TAG_DIGEST => {
             let head = LogSeq(d.u64()?);
             let cursor = LogSeq(d.u64()?);
-            let n = d.count(HELLO_TABLES_MAX, 32)?;
+            let n = d.count(HELLO_TABLES_MAX, 9)?;
             let mut tables = Vec::with_capacity(n);
             for _ in 0..n {
                 let name = d.text(driftless_core::ids::NAME_BYTES_MAX)?;
                 let table =
                     TableName::new(name).map_err(|e| WireError::Malformed(e.to_string()))?;
-                let rows = d.u64()?;
-                let digest: [u8; 16] = d
-                    .bytes(16)?
-                    .try_into()
-                    .map_err(|_| WireError::Malformed("a digest is 16 bytes".into()))?;
+                let fingerprints = get_i64s(&mut d)?;
                 tables.push(TableDigestWire {
                     table,
-                    rows,
-                    digest,
+                    fingerprints,
                 });
             }
             Message::Digest {

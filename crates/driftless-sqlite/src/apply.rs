@@ -1,7 +1,7 @@
 //! Applying remote changes: merge, write the winners, ledger, dead letters, clock holds, log and
 //! cursor, in one transaction per batch.
 
-use crate::rowio::{append_log, load_state, save_state, write_user_row};
+use crate::rowio::{append_log, load_state, write_user_row};
 use crate::schema::db;
 use crate::store::SqliteStore;
 use driftless_core::codec::{Encoder, decode_change, encode_change};
@@ -196,7 +196,7 @@ impl<C: Clock> SqliteStore<C> {
                 if recreate {
                     self.run_cached("RELEASE driftless_apply")?;
                 }
-                save_state(&self.conn, table, &change.key, old_hash, &state)?;
+                self.save_row_state(table, &change.key, old_hash, &state)?;
                 append_log(&self.conn, change)?;
                 report.applied += 1;
             }

@@ -9,9 +9,7 @@
 //! compared with.
 
 use crate::meta::KEY_COLUMNS_MAX;
-use crate::rowio::{
-    append_log, key_part_from_sql, load_state, read_user_row, save_state, write_user_row,
-};
+use crate::rowio::{append_log, key_part_from_sql, load_state, read_user_row, write_user_row};
 use crate::schema::{OP_DELETE, OP_UPDATE, Synced, db};
 use crate::store::SqliteStore;
 use driftless_core::{Clock, PrimaryKey, Version};
@@ -174,7 +172,7 @@ impl<C: Clock> SqliteStore<C> {
             )?;
             report.reverted += 1;
         }
-        save_state(&self.conn, table.as_str(), key, old_hash, &state)?;
+        self.save_row_state(table.as_str(), key, old_hash, &state)?;
         append_log(&self.conn, &change)?;
         report.changes.push(change);
         Ok(())

@@ -49,8 +49,8 @@ pub fn install(conn: &Connection) -> rusqlite::Result<()> {
         ) WITHOUT ROWID;
         CREATE INDEX IF NOT EXISTS _driftless_rows_bucket ON _driftless_rows (tbl, bucket);
 
-        -- Per table and fine bucket: the XOR of its rows' item hashes, maintained with every state
-        -- write, so range fingerprints cost a few index reads instead of a table scan.
+        -- Per table and top bucket: the XOR of its rows' item hashes, folded in once per write
+        -- transaction, so range fingerprints cost 4,096 reads instead of a table scan.
         CREATE TABLE IF NOT EXISTS _driftless_fingerprints (
             tbl TEXT NOT NULL,
             bucket INTEGER NOT NULL,

@@ -8,7 +8,7 @@ use driftless_core::{
     Change, Clock, ColumnName, ConflictRecord, ConflictRule, ConflictSide, NodeId, PrimaryKey,
     TableName, Value,
 };
-use driftless_store::fingerprint::{FINE_BITS, FINE_PER_TOP, TOP_BITS, TOP_BUCKETS};
+use driftless_store::fingerprint::{FINE_PER_TOP, TOP_BUCKETS};
 use driftless_store::{ApplyReport, CaptureReport, StoreError, VerifyReport};
 use rusqlite::params;
 use std::sync::Arc;
@@ -40,15 +40,16 @@ impl<C: Clock> SqliteStore<C> {
             })
             .map_err(db)?;
         for row in rows {
-            let (bucket, fp) = row.map_err(db)?;
-            let top = (bucket >> (FINE_BITS - TOP_BITS)) as usize;
-            if let Some(slot) = tops.get_mut(top) {
-                *slot ^= fp;
+            let (top, fp) = row.map_err(db)?;
+            if let Some(slot) = usize::try_from(top).ok().and_then(|t| tops.get_mut(t)) {
+                *slot = fp;
             }
         }
         Ok(tops)
     }
 
+    /// Fine fingerprints are computed from the rows of the top bucket (through the bucket
+    /// index): only the few top buckets that differ are ever asked for.
     pub(crate) fn fine_fingerprints_impl(
         &mut self,
         table: &TableName,
@@ -64,7 +65,7 @@ impl<C: Clock> SqliteStore<C> {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT bucket, fp FROM _driftless_fingerprints
+                "SELECT bucket, h FROM _driftless_rows
                  WHERE tbl = ?1 AND bucket >= ?2 AND bucket < ?3",
             )
             .map_err(db)?;
@@ -79,8 +80,8 @@ impl<C: Clock> SqliteStore<C> {
                 )
                 .map_err(db)?;
             for row in rows {
-                let (bucket, fp) = row.map_err(db)?;
-                fps[(bucket - first) as usize] = fp;
+                let (bucket, h) = row.map_err(db)?;
+                fps[(bucket - first) as usize] ^= h;
             }
             out.push((top, fps));
         }

@@ -156,15 +156,16 @@ pub fn load_state(
     }
 }
 
-/// Saves a row's merge state and keeps its bucket's fingerprint in step: the fingerprint is the
-/// XOR of the bucket's item hashes, so replacing `old_hash` by the new hash is one XOR.
+/// Saves a row's merge state. Returns `(top bucket, fingerprint delta)`: the caller folds the
+/// delta into the top bucket's fingerprint (the XOR of its rows' item hashes) before the
+/// transaction commits, so many writes to one bucket cost one fingerprint update.
 pub fn save_state(
     conn: &Connection,
     table: &str,
     key: &PrimaryKey,
     old_hash: Option<i64>,
     state: &RowState,
-) -> Result<(), StoreError> {
+) -> Result<(usize, i64), StoreError> {
     let bytes = encode_row_state(state);
     let hash = driftless_store::fingerprint::item_hash(key, &bytes);
     let bucket = driftless_store::fingerprint::fine_bucket(key);
@@ -176,15 +177,28 @@ pub fn save_state(
         .map_err(db)?;
     stmt.execute(params![table, key.as_bytes(), bytes, bucket, hash])
         .map_err(db)?;
-    let delta = hash ^ old_hash.unwrap_or(0);
-    if delta != 0 {
-        let mut stmt = conn
-            .prepare_cached(
-                "INSERT INTO _driftless_fingerprints (tbl, bucket, fp) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (tbl, bucket) DO UPDATE SET fp = (fp | excluded.fp) & ~(fp & excluded.fp)",
-            )
-            .map_err(db)?;
-        stmt.execute(params![table, bucket, delta]).map_err(db)?;
+    Ok((
+        driftless_store::fingerprint::top_of(bucket),
+        hash ^ old_hash.unwrap_or(0),
+    ))
+}
+
+/// Folds fingerprint deltas into the top buckets' fingerprints.
+pub fn flush_fingerprints(
+    conn: &Connection,
+    deltas: &std::collections::HashMap<(String, usize), i64>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO _driftless_fingerprints (tbl, bucket, fp) VALUES (?1, ?2, ?3)
+             ON CONFLICT (tbl, bucket) DO UPDATE SET fp = (fp | excluded.fp) & ~(fp & excluded.fp)",
+        )
+        .map_err(db)?;
+    for ((table, top), delta) in deltas {
+        if *delta != 0 {
+            stmt.execute(params![table, *top as i64, delta])
+                .map_err(db)?;
+        }
     }
     Ok(())
 }

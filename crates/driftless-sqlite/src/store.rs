@@ -66,6 +66,9 @@ pub struct SqliteStore<C: Clock = SystemClock> {
     pub(crate) pending_mark: i64,
     /// ... and the highest record stamped so far.
     pub(crate) pending_done: i64,
+    /// Fingerprint deltas per (table, top bucket) of the current write transaction, folded in
+    /// just before it commits.
+    pub(crate) fingerprint_deltas: std::collections::HashMap<(String, usize), i64>,
     /// Whether retryable dead letters may exist (checked once per transaction, so applying a
     /// change does not look the dead-letter table up when it is empty, the usual case).
     pub(crate) dead_letters_present: bool,
@@ -124,6 +127,7 @@ impl<C: Clock> SqliteStore<C> {
             pending_mark: 0,
             pending_done: 0,
             dead_letters_present: true,
+            fingerprint_deltas: std::collections::HashMap::new(),
             schema_version: -1,
             path: path.clone(),
         };
@@ -232,6 +236,7 @@ impl<C: Clock> SqliteStore<C> {
                 .and_then(|mut s| s.query_row([], |r| r.get(0)))
                 .map_err(db)?;
             self.pending_done = 0;
+            self.fingerprint_deltas.clear();
             self.dead_letters_present = self
                 .conn
                 .prepare_cached(
@@ -243,6 +248,8 @@ impl<C: Clock> SqliteStore<C> {
                 self.refresh_schemas_in_tx(false)?;
             }
             let value = body(self)?;
+            crate::rowio::flush_fingerprints(&self.conn, &self.fingerprint_deltas)?;
+            self.fingerprint_deltas.clear();
             self.conn
                 .prepare_cached("DELETE FROM _driftless_pending WHERE seq <= ?1 OR seq > ?2")
                 .and_then(|mut s| s.execute([self.pending_done, self.pending_mark]))
@@ -256,6 +263,22 @@ impl<C: Clock> SqliteStore<C> {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
         result
+    }
+
+    /// Saves a row's merge state and remembers its fingerprint delta for the commit.
+    pub(crate) fn save_row_state(
+        &mut self,
+        table: &str,
+        key: &driftless_core::PrimaryKey,
+        old_hash: Option<i64>,
+        state: &driftless_core::RowState,
+    ) -> Result<(), StoreError> {
+        let (top, delta) = crate::rowio::save_state(&self.conn, table, key, old_hash, state)?;
+        *self
+            .fingerprint_deltas
+            .entry((table.to_owned(), top))
+            .or_default() ^= delta;
+        Ok(())
     }
 
     /// A synced table by name.

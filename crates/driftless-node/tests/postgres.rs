@@ -190,6 +190,31 @@ async fn a_postgres_hub_relays_between_sqlite_spokes() {
     assert_eq!(rows[1].2, Some(9.75));
     assert_eq!(rows[0].1.as_deref(), Some("s1 was here"));
 
+    // diff and reconcile work with a PostgreSQL replica: agreement first, then a row edited
+    // behind driftless's back on PostgreSQL (capture disabled) is found and restored
+    let diff = driftless_node::ops::request_reconcile(s1.admin, "hub", None, false)
+        .await
+        .unwrap();
+    assert!(!diff.found_differences(), "{diff:?}");
+    with_pg(&url, |pg| {
+        pg.batch_execute(
+            "ALTER TABLE items DISABLE TRIGGER driftless_capture_v1;
+             UPDATE items SET name = 'behind its back' WHERE id = 2;
+             ALTER TABLE items ENABLE TRIGGER driftless_capture_v1;",
+        )
+        .unwrap()
+    })
+    .await;
+    let found = driftless_node::ops::request_reconcile(hub.admin, "s1", None, false)
+        .await
+        .unwrap();
+    assert!(found.found_differences(), "{found:?}");
+    driftless_node::ops::request_reconcile(hub.admin, "s1", None, true)
+        .await
+        .unwrap();
+    let rows = until_equal(&url, &[&s1, &s2]).await;
+    assert_eq!(rows[1].1.as_deref(), Some("from the hub"), "{rows:?}");
+
     // the hub's status names its store without secrets
     let status = hub.status().await;
     assert!(

@@ -328,6 +328,11 @@ where
         Ok::<(), WireError>(())
     });
     let window = Arc::new(Semaphore::new(sync.window_batches));
+    // The `next` of every batch sent and not yet acknowledged, oldest first: an ack releases the
+    // window permits of the batches it covers, so a duplicated or stale ack releases nothing.
+    let in_flight: Arc<std::sync::Mutex<std::collections::VecDeque<LogSeq>>> = Arc::default();
+    // Where the peer's next log batch must start: our stored cursor of its log.
+    let mut expected = ctx.store.call(move |s| s.cursor(peer)).await?;
     let link = crate::reconcile::LinkHandle::new(peer, out_tx.clone());
     ctx.links
         .lock()
@@ -339,6 +344,7 @@ where
         name.clone(),
         hello.cursor,
         window.clone(),
+        in_flight.clone(),
         out_tx.clone(),
     ));
     ctx.peers.update(&name, |p| {
@@ -357,7 +363,23 @@ where
             };
             match message {
                 Message::Batch(batch) => {
-                    let ack = apply(&ctx, peer, &name, batch).await?;
+                    let ack = if batch.kind == BatchKind::Snapshot || batch.after == expected {
+                        let ack = apply(&ctx, peer, &name, batch).await?;
+                        if ack > expected {
+                            expected = ack;
+                        }
+                        ack
+                    } else if batch.next <= expected {
+                        // a duplicate or stale batch: everything in it is already applied
+                        expected
+                    } else {
+                        ctx.protocol_error("unexpected");
+                        return Err(SessionError::Refused(format!(
+                            "a batch starts at {} but this node has applied the log up to {}; \
+                             resuming from the stored cursor",
+                            batch.after, expected
+                        )));
+                    };
                     if out_tx.send(Message::Ack { applied_through: ack }).await.is_err() {
                         return Ok(());
                     }
@@ -367,11 +389,21 @@ where
                         .call(move |s| s.apply_batch(peer, &[], resume_after).map(|_| ()))
                         .await?;
                     tracing::info!(peer = %name, resume_after = resume_after.0, "bootstrap from snapshot complete");
+                    expected = resume_after;
                     ctx.reconcile_soon.store(true, Ordering::Relaxed);
                     let _ = out_tx.send(Message::Ack { applied_through: resume_after }).await;
                 }
                 Message::Ack { applied_through } => {
-                    window.add_permits(1);
+                    let released = {
+                        let mut queue = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut released = 0;
+                        while queue.front().is_some_and(|next| *next <= applied_through) {
+                            queue.pop_front();
+                            released += 1;
+                        }
+                        released
+                    };
+                    window.add_permits(released);
                     let head = ctx.store
                         .call(move |s| {
                             s.record_ack(peer, applied_through)?;
@@ -634,8 +666,15 @@ async fn send_log(
     name: String,
     mut cursor: LogSeq,
     window: Arc<Semaphore>,
+    in_flight: Arc<std::sync::Mutex<std::collections::VecDeque<LogSeq>>>,
     out: mpsc::Sender<Message>,
 ) -> Result<(), SessionError> {
+    let sent = |next: LogSeq| {
+        in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(next);
+    };
     let batch_max = ctx.config.file.sync.batch_changes_max;
     let heartbeat = Duration::from_millis(ctx.config.file.sync.heartbeat_ms);
     let mut head_rx = ctx.head.subscribe();
@@ -656,11 +695,13 @@ async fn send_log(
                 let next = chunk.next.clone();
                 let batch = Batch {
                     kind: BatchKind::Snapshot,
+                    after: cursor,
                     next: cursor,
                     head: chunk.log_head,
                     trace_id: 0,
                     changes: chunk.changes,
                 };
+                sent(cursor);
                 if out.send(Message::Batch(batch)).await.is_err() {
                     return Ok(());
                 }
@@ -721,11 +762,13 @@ async fn send_log(
         tracing::debug!(peer = %name, trace_id, next = page.next.0, "send_batch");
         let batch = Batch {
             kind: BatchKind::Log,
+            after: cursor,
             next: page.next,
             head: page.head,
             trace_id,
             changes,
         };
+        sent(page.next);
         if out.send(Message::Batch(batch)).await.is_err() {
             return Ok(());
         }

@@ -79,6 +79,10 @@ pub enum BatchKind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub kind: BatchKind,
+    /// Where this batch starts: the cursor the receiver must be at to apply it (for `Log`).
+    /// A batch that does not continue the receiver's cursor is a duplicate (skipped) or a gap
+    /// (the link is closed and resumes from the stored cursor), never applied out of order.
+    pub after: LogSeq,
     /// Cursor after this batch (for `Log`): the sequence of its last entry, even if entries
     /// were filtered out (e.g. changes that originated at the receiver).
     pub next: LogSeq,
@@ -225,6 +229,7 @@ fn encode_payload(message: &Message) -> (u8, Vec<u8>) {
                 BatchKind::Log => 1,
                 BatchKind::Snapshot => 2,
             });
+            e.u64(b.after.0);
             e.u64(b.next.0);
             e.u64(b.head.0);
             e.u64(b.trace_id);
@@ -415,6 +420,7 @@ fn decode_payload(tag: u8, payload: &[u8]) -> Result<Message, WireError> {
                 2 => BatchKind::Snapshot,
                 other => return Err(WireError::Malformed(format!("batch kind {other}"))),
             };
+            let after = LogSeq(d.u64()?);
             let next = LogSeq(d.u64()?);
             let head = LogSeq(d.u64()?);
             let trace_id = d.u64()?;
@@ -426,6 +432,7 @@ fn decode_payload(tag: u8, payload: &[u8]) -> Result<Message, WireError> {
             }
             Message::Batch(Batch {
                 kind,
+                after,
                 next,
                 head,
                 trace_id,

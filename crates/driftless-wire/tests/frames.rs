@@ -35,6 +35,7 @@ fn messages() -> Vec<Message> {
         }),
         Message::Batch(Batch {
             kind: BatchKind::Log,
+            after: LogSeq(0),
             next: LogSeq(100),
             head: LogSeq(120),
             trace_id: 77,
@@ -42,6 +43,7 @@ fn messages() -> Vec<Message> {
         }),
         Message::Batch(Batch {
             kind: BatchKind::Snapshot,
+            after: LogSeq(0),
             next: LogSeq(0),
             head: LogSeq(1),
             trace_id: 1,
@@ -138,7 +140,7 @@ fn malformed_frames_get_clear_errors() {
     ));
     // a batch claiming 10,000 changes with no bytes behind the claim
     let mut body = vec![2, 0, 1];
-    body.extend_from_slice(&[0; 24]);
+    body.extend_from_slice(&[0; 32]); // after, next, head, trace id
     body.extend_from_slice(&10_000u32.to_be_bytes());
     let err = decode_frame_body(&body).unwrap_err();
     assert!(

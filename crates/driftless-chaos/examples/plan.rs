@@ -1,0 +1,11 @@
+//! Prints the plan of a seed: `cargo run -p driftless-chaos --example plan -- SEED [NODES] [MS]`.
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let seed: u64 = args.next().and_then(|s| s.parse().ok()).expect("SEED");
+    let nodes: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let ms: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(6_000);
+    print!(
+        "{}",
+        driftless_chaos::Plan::generate(seed, nodes, ms, true).describe()
+    );
+}

@@ -326,13 +326,15 @@ fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
                 // Bounded rounds, each its own store call: the senders can read the log and the
                 // links can apply between them, and every round wakes the senders at once.
                 loop {
-                    let (captured, head) = ctx.store.call_blocking(|s| {
+                    let (records, head) = ctx.store.call_blocking(|s| {
                         let report = s.capture(CAPTURE_BATCH_ROWS_MAX)?;
                         record_captured(&ctx, &report.changes);
-                        Ok((report.changes.len(), s.log_head()?))
+                        Ok((report.records, s.log_head()?))
                     })?;
                     publish_head(&ctx, head);
-                    if captured < CAPTURE_BATCH_ROWS_MAX {
+                    // (records, not changes: coalesced writes make fewer changes than records,
+                    // and stopping on the changes would strand the rest of a backlog)
+                    if records < CAPTURE_BATCH_ROWS_MAX {
                         break;
                     }
                 }

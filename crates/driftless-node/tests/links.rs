@@ -409,3 +409,56 @@ async fn a_peer_offline_catches_up_and_one_beyond_retention_is_rebootstrapped() 
     edge.stop().await.unwrap();
     hub.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_coalescing_writes_is_captured_to_the_end() {
+    // 15,000 updates of 100 rows in one transaction: the first capture round consumes 10,000
+    // records but makes at most 100 changes; the poller must go on until the records run out,
+    // even though nothing else is ever written.
+    let dir = tempfile::tempdir().unwrap();
+    let hub_ports = Ports::bind().await;
+    let hub_addr = hub_ports.peer_addr();
+    let listen = insecure_listen(&hub_ports);
+    let mut hub = TestNode::start(
+        dir.path(),
+        "hub",
+        hub_ports,
+        config_text("hub", &listen, ""),
+    )
+    .await;
+    let mut edge = TestNode::start(
+        dir.path(),
+        "edge",
+        Ports::bind().await,
+        config_text("edge", "", &insecure_peer("hub", hub_addr)),
+    )
+    .await;
+    let mut sql = String::from("BEGIN;");
+    for i in 0..100 {
+        sql.push_str(&format!("INSERT INTO items VALUES ({i}, 'start', 0, 0);"));
+    }
+    for n in 1..=150 {
+        for i in 0..100 {
+            sql.push_str(&format!(
+                "UPDATE items SET name = 'round {n}' WHERE id = {i};"
+            ));
+        }
+    }
+    // rows whose records come after the first round's 10,000
+    for i in 100..200 {
+        sql.push_str(&format!("INSERT INTO items VALUES ({i}, 'late', 0, 0);"));
+    }
+    sql.push_str("COMMIT;");
+    edge.sql(&sql);
+    converge(&[&hub, &edge]).await;
+    assert_eq!(
+        hub.query_i64("SELECT count(*) FROM items WHERE name = 'round 150'"),
+        100
+    );
+    assert_eq!(
+        hub.query_i64("SELECT count(*) FROM items WHERE name = 'late'"),
+        100
+    );
+    edge.stop().await.unwrap();
+    hub.stop().await.unwrap();
+}

@@ -194,7 +194,7 @@ impl<C: Clock> Store for PostgresStore<C> {
         let limit = limit.clamp(1, driftless_store::CAPTURE_BATCH_ROWS_MAX);
         self.write_tx(|store| {
             let mut report = CaptureReport::default();
-            store.capture_in_tx(limit, &mut report)?;
+            report.records = store.capture_in_tx(limit, &mut report)?;
             Ok(report)
         })
     }

@@ -231,7 +231,7 @@ impl<C: Clock> Store for SqliteStore<C> {
         let limit = limit.min(driftless_store::CAPTURE_BATCH_ROWS_MAX);
         self.write_tx(|store| {
             let mut report = CaptureReport::default();
-            store.capture_in_tx(limit, &mut report)?;
+            report.records = store.capture_in_tx(limit, &mut report)?;
             Ok(report)
         })
     }

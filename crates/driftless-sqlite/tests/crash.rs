@@ -118,14 +118,14 @@ fn crash_during_apply_loses_nothing_and_applies_nothing_twice() {
             .unwrap();
         }
         conn.execute_batch("COMMIT").unwrap();
-        while source.capture(10_000).unwrap().changes.len() == 10_000 {}
+        while source.capture(10_000).unwrap().records == 10_000 {}
         for round in 1..=UPDATE_ROUNDS {
             conn.execute(
                 "UPDATE items SET stock = stock + ?1, name = name || '.'",
                 [round],
             )
             .unwrap();
-            while source.capture(10_000).unwrap().changes.len() == 10_000 {}
+            while source.capture(10_000).unwrap().records == 10_000 {}
         }
     }
     let head = source.log_head().unwrap();

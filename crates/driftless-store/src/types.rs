@@ -101,6 +101,9 @@ impl TableConfig {
 /// Local writes stamped by one capture call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CaptureReport {
+    /// Trigger records consumed. Several writes to a row become one change, so this can exceed
+    /// `changes.len()`: loop on this (not on the changes) to drain a backlog.
+    pub records: usize,
     /// The new changes, in the order they were written and logged.
     pub changes: Vec<Change>,
     /// Local writes that could not become changes (e.g. a NULL or REAL primary key); each is

@@ -9,7 +9,7 @@ use crate::store_handle::DynStore;
 use crate::store_handle::StoreHandle;
 use driftless_core::{NodeId, SchemaFingerprint, TableName};
 use driftless_sqlite::{SqliteOptions, SqliteStore};
-use driftless_store::{CAPTURE_BATCH_ROWS_MAX, CompactionPolicy, LogSeq, StoreError};
+use driftless_store::{CompactionPolicy, LogSeq, StoreError};
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +23,10 @@ use tokio::task::JoinSet;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often held changes are retried.
 const RELEASE_HELD_INTERVAL: Duration = Duration::from_secs(1);
+/// Capture records stamped per poller round. Small enough that one round holds the store for
+/// well under 100 ms, so senders, acks and applies get the store between rounds while a large
+/// backlog is captured (a whole `driftless_store::CAPTURE_BATCH_ROWS_MAX` round held it for up to 0.7 s).
+const CAPTURE_ROUND_RECORDS: usize = 2_000;
 /// How often per-table gauges (dead letters) are refreshed from the store.
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
 /// Most inbound connections handled at once; more wait in the kernel's accept queue.
@@ -327,14 +331,14 @@ fn poll_store(ctx: Arc<Context>) -> Result<(), StoreError> {
                 // links can apply between them, and every round wakes the senders at once.
                 loop {
                     let (records, head) = ctx.store.call_blocking(|s| {
-                        let report = s.capture(CAPTURE_BATCH_ROWS_MAX)?;
+                        let report = s.capture(CAPTURE_ROUND_RECORDS)?;
                         record_captured(&ctx, &report.changes);
                         Ok((report.records, s.log_head()?))
                     })?;
                     publish_head(&ctx, head);
                     // (records, not changes: coalesced writes make fewer changes than records,
                     // and stopping on the changes would strand the rest of a backlog)
-                    if records < CAPTURE_BATCH_ROWS_MAX {
+                    if records < CAPTURE_ROUND_RECORDS {
                         break;
                     }
                 }

@@ -1,5 +1,6 @@
 //! The admin HTTP listener: `/healthz` (process alive), `/readyz` (store reachable, not shutting
-//! down) and `/status` (JSON for `driftless status`).
+//! down), `/status` (JSON for `driftless status`), `/metrics`, and `POST /reconcile` with its
+//! `/reconcile/progress` (for `driftless diff` and `driftless reconcile`).
 
 use crate::node::Context;
 use crate::status::{NodeStatus, TableStatus};
@@ -19,6 +20,7 @@ pub async fn serve(ctx: Arc<Context>, listener: TcpListener) {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/reconcile", axum::routing::post(reconcile))
+        .route("/reconcile/progress", get(reconcile_progress))
         .with_state(ctx.clone());
     let mut shutdown = ctx.shutdown.clone();
     let result = axum::serve(listener, app)
@@ -107,6 +109,8 @@ struct ReconcileQuery {
     table: Option<String>,
     #[serde(default)]
     repair: bool,
+    #[serde(default)]
+    local: bool,
 }
 
 /// Runs a reconciliation with a peer (repair or just diff) and answers with its report.
@@ -114,7 +118,11 @@ async fn reconcile(
     State(ctx): State<Arc<Context>>,
     axum::extract::Query(q): axum::extract::Query<ReconcileQuery>,
 ) -> Result<Json<crate::reconcile::ReconcileReport>, (StatusCode, String)> {
-    crate::reconcile::reconcile(&ctx, &q.peer, q.table.as_deref(), q.repair, "manual")
+    let options = crate::reconcile::ReconcileOptions {
+        repair: q.repair,
+        local_check: q.local,
+    };
+    crate::reconcile::reconcile(&ctx, &q.peer, q.table.as_deref(), options, "manual")
         .await
         .map(Json)
         .map_err(|e| {
@@ -125,4 +133,16 @@ async fn reconcile(
             };
             (status, format!("{e}\n"))
         })
+}
+
+/// What the running reconciliation is doing (`null` when none runs).
+async fn reconcile_progress(
+    State(ctx): State<Arc<Context>>,
+) -> Json<Option<crate::reconcile::ReconcileProgress>> {
+    Json(
+        ctx.reconcile_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
+    )
 }

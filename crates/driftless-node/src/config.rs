@@ -177,6 +177,10 @@ pub struct SyncSection {
     /// How often this node reconciles with the peers it dials (with ±10% jitter); 0 = never
     /// on a schedule (events and `driftless reconcile` still run it).
     pub reconcile_interval_ms: u64,
+    /// How often this node checks its own tables against its merge state, reading every row,
+    /// to find writes made behind driftless's back (with ±10% jitter); 0 = never on a schedule
+    /// (`driftless diff --local` / `reconcile --local` still run it).
+    pub local_check_interval_ms: u64,
     /// Log entries kept behind the head even when every peer has them.
     pub retain_entries_min: u64,
     /// The log never holds more entries than this; peers left behind are re-bootstrapped.
@@ -195,6 +199,7 @@ impl Default for SyncSection {
             compact_interval_ms: 60_000,
             check_interval_ms: 30_000,
             reconcile_interval_ms: 3_600_000,
+            local_check_interval_ms: 21_600_000,
             retain_entries_min: 10_000,
             retain_entries_max: 10_000_000,
         }
@@ -564,6 +569,7 @@ addr = "127.0.0.1:9101"            # /healthz, /readyz, /status
 # compact_interval_ms = 60000
 # check_interval_ms = 30000
 # reconcile_interval_ms = 3600000
+# local_check_interval_ms = 21600000
 # retain_entries_min = 10000
 # retain_entries_max = 10000000
 "#;

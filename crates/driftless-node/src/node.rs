@@ -107,6 +107,9 @@ pub struct Context {
     /// Set after events that risk drift (snapshot bootstrap, held changes released); the
     /// reconciliation scheduler runs soon after.
     pub reconcile_soon: std::sync::atomic::AtomicBool,
+    /// One reconciliation at a time; and what the running one is doing, for progress bars.
+    pub reconcile_running: tokio::sync::Mutex<()>,
+    pub reconcile_progress: Mutex<Option<crate::reconcile::ReconcileProgress>>,
     /// Peers with a live link: one link per peer at a time.
     active: Mutex<HashSet<NodeId>>,
 }
@@ -253,6 +256,8 @@ pub async fn run(
         metrics: crate::telemetry::Metrics::new(),
         links: Mutex::default(),
         reconcile_soon: std::sync::atomic::AtomicBool::new(false),
+        reconcile_running: tokio::sync::Mutex::new(()),
+        reconcile_progress: Mutex::new(None),
         active: Mutex::new(HashSet::new()),
         config,
     });
@@ -280,6 +285,7 @@ pub async fn run(
         tasks.spawn(crate::admin::serve(ctx.clone(), listener));
     }
     tasks.spawn(schedule_reconciliation(ctx.clone()));
+    tasks.spawn(schedule_local_check(ctx.clone()));
 
     shutdown.await;
     tracing::info!(node = %ctx.name, "shutting down");
@@ -529,16 +535,18 @@ fn routine_end(e: &SessionError) -> bool {
     }
 }
 
-/// Runs reconciliation with every peer this node dials: on the configured interval (with ±10%
-/// jitter, so a fleet does not reconcile in lockstep) and soon after events that risk drift.
-/// Only the dialing side schedules, so a pair of nodes does not reconcile twice.
+/// A delay of `ms` with ±10% jitter, so a fleet does not run periodic work in lockstep.
+fn jittered(ms: u64) -> Duration {
+    let jitter = driftless_store::random_u64().unwrap_or(0) % (ms / 5 + 1);
+    Duration::from_millis(ms - ms / 10 + jitter)
+}
+
+/// Runs reconciliation with every peer this node dials: on the configured interval and soon
+/// after events that risk drift. Only the dialing side schedules, so a pair of nodes does not
+/// reconcile twice.
 async fn schedule_reconciliation(ctx: Arc<Context>) {
     let interval_ms = ctx.config.file.sync.reconcile_interval_ms;
     let mut shutdown = ctx.shutdown.clone();
-    let jittered = |ms: u64| {
-        let jitter = driftless_store::random_u64().unwrap_or(0) % (ms / 5 + 1);
-        Duration::from_millis(ms - ms / 10 + jitter)
-    };
     let mut next = (interval_ms > 0).then(|| Instant::now() + jittered(interval_ms));
     loop {
         tokio::select! {
@@ -551,35 +559,53 @@ async fn schedule_reconciliation(ctx: Arc<Context>) {
             continue;
         }
         let trigger = if event { "event" } else { "scheduled" };
-        let dialed_links = ctx
-            .config
-            .file
-            .peers
-            .iter()
-            .filter(|p| ctx.link(&p.name).is_some())
-            .count();
-        if dialed_links == 0 {
-            // nobody to compare with from here: still check our own tables for local drift
-            for (table, _) in &ctx.tables {
-                let mut report = crate::reconcile::TableReport::default();
-                if let Err(e) =
-                    crate::reconcile::verify_locally(&ctx, table, true, &mut report).await
-                {
-                    tracing::warn!(%table, error = %e, "local verification failed; will retry");
-                }
-            }
-        }
         for peer in &ctx.config.file.peers {
             if ctx.link(&peer.name).is_none() {
                 continue;
             }
-            if let Err(e) = crate::reconcile::reconcile(&ctx, &peer.name, None, true, trigger).await
+            let options = crate::reconcile::ReconcileOptions {
+                repair: true,
+                local_check: false,
+            };
+            if let Err(e) =
+                crate::reconcile::reconcile(&ctx, &peer.name, None, options, trigger).await
             {
                 tracing::warn!(peer = %peer.name, error = %e, "reconciliation failed; will retry");
             }
         }
         if due {
             next = Some(Instant::now() + jittered(interval_ms));
+        }
+    }
+}
+
+/// Checks every synced table against its merge state on its own schedule (every node, linked
+/// or not): it reads every row, which a comparison with a peer must not wait for.
+async fn schedule_local_check(ctx: Arc<Context>) {
+    let interval_ms = ctx.config.file.sync.local_check_interval_ms;
+    if interval_ms == 0 {
+        return;
+    }
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(jittered(interval_ms)) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        for (table, _) in &ctx.tables {
+            let started = Instant::now();
+            let mut report = crate::reconcile::TableReport::default();
+            match crate::reconcile::verify_locally(&ctx, table, true, &mut report, None).await {
+                Ok(()) => {
+                    crate::reconcile::count_drift(&ctx, table, &report);
+                    tracing::info!(%table, rows = report.local_checked_rows,
+                        restored = report.local_restored, adopted = report.local_adopted,
+                        millis = started.elapsed().as_millis() as u64, "local check finished");
+                }
+                Err(e) => {
+                    tracing::warn!(%table, error = %e, "local check failed; will retry at the next interval");
+                }
+            }
         }
     }
 }

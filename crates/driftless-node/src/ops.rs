@@ -20,19 +20,52 @@ pub async fn fetch_status(admin: SocketAddr) -> Result<NodeStatus, String> {
     serde_json::from_str(&body).map_err(|e| format!("bad status document: {e}"))
 }
 
-/// Runs `driftless diff` (`repair = false`) or `driftless reconcile` on a running node.
+/// The node's Prometheus exposition (`GET /metrics`).
+pub async fn fetch_metrics(admin: SocketAddr) -> Result<String, String> {
+    admin_request(admin, "GET", "/metrics", Duration::from_secs(5)).await
+}
+
+/// Runs `driftless diff` (`repair = false`) or `driftless reconcile` on a running node, without
+/// the local check (see [`request_reconcile_with`]).
 pub async fn request_reconcile(
     admin: SocketAddr,
     peer: &str,
     table: Option<&str>,
     repair: bool,
 ) -> Result<crate::reconcile::ReconcileReport, String> {
-    let mut path = format!("/reconcile?peer={}&repair={repair}", url_escape(peer));
+    let options = crate::reconcile::ReconcileOptions {
+        repair,
+        local_check: false,
+    };
+    request_reconcile_with(admin, peer, table, options).await
+}
+
+/// Runs a reconciliation on a running node with all options.
+pub async fn request_reconcile_with(
+    admin: SocketAddr,
+    peer: &str,
+    table: Option<&str>,
+    options: crate::reconcile::ReconcileOptions,
+) -> Result<crate::reconcile::ReconcileReport, String> {
+    let mut path = format!(
+        "/reconcile?peer={}&repair={}&local={}",
+        url_escape(peer),
+        options.repair,
+        options.local_check
+    );
     if let Some(table) = table {
         path.push_str(&format!("&table={}", url_escape(table)));
     }
     let body = admin_request(admin, "POST", &path, Duration::from_secs(3600)).await?;
     serde_json::from_str(&body).map_err(|e| format!("bad reconciliation report: {e}"))
+}
+
+/// What the node's running reconciliation is doing, if one runs.
+pub async fn fetch_reconcile_progress(
+    admin: SocketAddr,
+) -> Result<Option<crate::reconcile::ReconcileProgress>, String> {
+    let body = admin_request(admin, "GET", "/reconcile/progress", Duration::from_secs(5)).await?;
+    serde_json::from_str(&body).map_err(|e| format!("bad progress document: {e}"))
 }
 
 fn url_escape(text: &str) -> String {
@@ -103,7 +136,15 @@ pub fn render_reconcile(report: &crate::reconcile::ReconcileReport) -> String {
                 t.keys_only_here.to_string(),
                 t.keys_only_there.to_string(),
                 t.keys_differing.to_string(),
-                (t.local_restored + t.local_adopted).to_string(),
+                if report.local_check {
+                    format!(
+                        "{} here, {} there",
+                        t.local_restored + t.local_adopted,
+                        t.peer_restored + t.peer_adopted
+                    )
+                } else {
+                    "not checked".into()
+                },
                 if report.repair {
                     format!("{} here, {} there", t.repaired_here, t.repaired_there)
                 } else {
@@ -144,6 +185,23 @@ pub fn render_reconcile(report: &crate::reconcile::ReconcileReport) -> String {
         report.bytes_received,
         report.millis
     );
+    if report.local_check {
+        let rows: u64 = report
+            .tables
+            .iter()
+            .map(|t| t.local_checked_rows + t.peer_checked_rows)
+            .sum();
+        let _ = writeln!(
+            out,
+            "local check: {rows} rows read on both sides in {} ms",
+            report.local_check_millis
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "(writes made behind driftless's back are found by the scheduled local check, or now with --local)"
+        );
+    }
     let verdict = match (report.found_differences(), report.repair) {
         (false, _) => "in agreement",
         (true, false) => "differences found",

@@ -93,10 +93,19 @@ pub struct TableReport {
     pub keys_only_there: u64,
     pub keys_differing: u64,
     pub sample_keys: Vec<String>,
-    /// Local rows whose content differed from their merge state (restored), or that had none
-    /// (adopted): drift behind driftless's back, found before comparing with the peer.
+    /// With the local check (`--local`): rows of this replica whose content differed from
+    /// their merge state (restored) or that had none (adopted), i.e. writes made behind
+    /// driftless's back, found before comparing with the peer; and the same on the peer.
+    #[serde(default)]
+    pub local_checked_rows: u64,
     pub local_restored: u64,
     pub local_adopted: u64,
+    #[serde(default)]
+    pub peer_checked_rows: u64,
+    #[serde(default)]
+    pub peer_restored: u64,
+    #[serde(default)]
+    pub peer_adopted: u64,
     /// Changes that had an effect here and on the peer.
     pub repaired_here: u64,
     pub repaired_there: u64,
@@ -107,11 +116,14 @@ pub struct TableReport {
 pub struct ReconcileReport {
     pub peer: String,
     pub repair: bool,
+    /// Whether both replicas' tables were also read in full against their merge states.
+    #[serde(default)]
+    pub local_check: bool,
     pub tables: Vec<TableReport>,
     pub round_trips: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    /// Total wall time, and the part spent on the local check (reading the whole table).
+    /// Total wall time, and the part spent on the local check (reading whole tables).
     pub millis: u64,
     pub local_check_millis: u64,
 }
@@ -125,6 +137,8 @@ impl ReconcileReport {
                 + t.keys_differing
                 + t.local_restored
                 + t.local_adopted
+                + t.peer_restored
+                + t.peer_adopted
                 > 0
         })
     }
@@ -179,13 +193,75 @@ impl Exchange<'_> {
     }
 }
 
-/// Reconciles `tables` (all synced tables if `None`) with the peer named `peer`. With `repair`,
-/// differences are repaired on both sides; without, they are only counted (`driftless diff`).
+/// How a reconciliation runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconcileOptions {
+    /// Repair the differences on both sides (`driftless reconcile`); otherwise only count them
+    /// (`driftless diff`).
+    pub repair: bool,
+    /// Also read every row of both replicas' tables against their merge states, to find writes
+    /// made behind driftless's back (`--local`). Costs a full scan on each side, so it is off by
+    /// default and otherwise runs on its own schedule (`local_check_interval_ms`).
+    pub local_check: bool,
+}
+
+/// What a running reconciliation is doing (`GET /reconcile/progress`, the progress bar of
+/// `driftless diff` and `driftless reconcile`).
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct ReconcileProgress {
+    pub peer: String,
+    pub table: String,
+    /// Tables finished, and all tables of this run.
+    pub tables_done: u64,
+    pub tables_total: u64,
+    /// `local check`, `local check on peer`, `fingerprints`, `rows` or `repair`.
+    pub phase: String,
+    /// Units done in this phase (rows, or fine buckets), and their total (0 = unknown).
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Publishes progress for the admin API; cleared when the run ends (also on error).
+pub(crate) struct ProgressGuard<'a> {
+    ctx: &'a Context,
+    progress: ReconcileProgress,
+}
+
+impl ProgressGuard<'_> {
+    fn set(&mut self, phase: &str, done: u64, total: u64) {
+        self.progress.phase.clear();
+        self.progress.phase.push_str(phase);
+        self.progress.done = done;
+        self.progress.total = total;
+        self.publish();
+    }
+
+    fn publish(&self) {
+        *self
+            .ctx
+            .reconcile_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(self.progress.clone());
+    }
+}
+
+impl Drop for ProgressGuard<'_> {
+    fn drop(&mut self) {
+        *self
+            .ctx
+            .reconcile_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// Reconciles `tables` (all synced tables if `None`) with the peer named `peer`. One run at a
+/// time per node: a second one waits for the first (two repairs racing would only redo work).
 pub async fn reconcile(
     ctx: &Arc<Context>,
     peer: &str,
     table: Option<&str>,
-    repair: bool,
+    options: ReconcileOptions,
     trigger: &str,
 ) -> Result<ReconcileReport, ReconcileError> {
     let started = Instant::now();
@@ -202,28 +278,54 @@ pub async fn reconcile(
                 .ok_or_else(|| ReconcileError::UnknownTable(name.to_owned()))?,
         ],
     };
+    let _running = ctx.reconcile_running.lock().await;
+    let repair = options.repair;
     let mut report = ReconcileReport {
         peer: peer.to_owned(),
         repair,
+        local_check: options.local_check,
         ..ReconcileReport::default()
     };
+    let mut progress = ProgressGuard {
+        ctx,
+        progress: ReconcileProgress {
+            peer: peer.to_owned(),
+            tables_total: tables.len() as u64,
+            ..ReconcileProgress::default()
+        },
+    };
     for table in tables {
+        progress.progress.table = table.to_string();
         let mut table_report = TableReport {
             table: table.to_string(),
             ..TableReport::default()
         };
-        let check_started = Instant::now();
-        verify_locally(ctx, &table, repair, &mut table_report).await?;
-        report.local_check_millis += check_started.elapsed().as_millis() as u64;
+        if options.local_check {
+            let check_started = Instant::now();
+            verify_locally(ctx, &table, repair, &mut table_report, Some(&mut progress)).await?;
+            let mut exchange = Exchange {
+                link: &link,
+                table: table.clone(),
+                report: &mut report,
+            };
+            verify_on_peer(&mut exchange, repair, &mut table_report, &mut progress).await?;
+            report.local_check_millis += check_started.elapsed().as_millis() as u64;
+        }
         for pass in 0..PASSES_MAX {
             let mut exchange = Exchange {
                 link: &link,
                 table: table.clone(),
                 report: &mut report,
             };
-            let found =
-                compare_and_repair(ctx, &mut exchange, &mut table_report, repair, pass == 0)
-                    .await?;
+            let found = compare_and_repair(
+                ctx,
+                &mut exchange,
+                &mut table_report,
+                repair,
+                pass == 0,
+                &mut progress,
+            )
+            .await?;
             if !repair || !found {
                 break;
             }
@@ -237,16 +339,12 @@ pub async fn reconcile(
         m.convergence
             .get_or_create(&label)
             .set((compared - table_report.ranges_differing as f64) / compared);
-        let drift = table_report.local_restored + table_report.local_adopted;
-        if drift > 0 {
-            m.drift_incidents
-                .get_or_create(&crate::telemetry::TableLabel {
-                    table: table.to_string(),
-                })
-                .inc_by(drift);
-        }
+        // only this node's own drift counts here; the peer counts its own when it serves the check
+        count_drift(ctx, &table, &table_report);
         report.tables.push(table_report);
+        progress.progress.tables_done += 1;
     }
+    drop(progress);
     ctx.metrics
         .reconciliation_runs
         .get_or_create(&crate::telemetry::TriggerLabel {
@@ -258,22 +356,48 @@ pub async fn reconcile(
         peer,
         trigger,
         repair,
+        local_check = options.local_check,
         differences = report.found_differences(),
         round_trips = report.round_trips,
         bytes_sent = report.bytes_sent,
         bytes_received = report.bytes_received,
+        millis = report.millis,
         "reconciliation finished"
     );
     Ok(report)
 }
 
-/// Checks this replica's table content against its own merge state, chunk by chunk.
-pub async fn verify_locally(
+/// Counts drift incidents (M6): rows of this replica written behind driftless's back.
+pub(crate) fn count_drift(ctx: &Context, table: &TableName, report: &TableReport) {
+    let drift = report.local_restored + report.local_adopted;
+    if drift > 0 {
+        ctx.metrics
+            .drift_incidents
+            .get_or_create(&crate::telemetry::TableLabel {
+                table: table.to_string(),
+            })
+            .inc_by(drift);
+    }
+}
+
+/// Checks this replica's table content against its own merge state, chunk by chunk. Each chunk
+/// is its own transaction, so writes continue between chunks.
+pub(crate) async fn verify_locally(
     ctx: &Context,
     table: &TableName,
     repair: bool,
     report: &mut TableReport,
+    mut progress: Option<&mut ProgressGuard<'_>>,
 ) -> Result<(), ReconcileError> {
+    let total = if progress.is_some() {
+        let stats = ctx.store.call(|s| s.table_stats()).await?;
+        stats
+            .iter()
+            .find(|t| &t.table == table)
+            .map_or(0, |t| t.rows)
+    } else {
+        0
+    };
     let mut after: Option<PrimaryKey> = None;
     loop {
         let t = table.clone();
@@ -282,14 +406,58 @@ pub async fn verify_locally(
             .store
             .call(move |s| s.verify_chunk(&t, a.as_ref(), VERIFY_CHUNK_ROWS, repair))
             .await?;
+        report.local_checked_rows += chunk.checked as u64;
         report.local_restored += chunk.restored as u64;
         report.local_adopted += chunk.adopted as u64;
         if chunk.restored + chunk.adopted > 0 {
             tracing::warn!(%table, restored = chunk.restored, adopted = chunk.adopted, repaired = repair,
                 "table content differs from driftless's merge state (written behind its back)");
         }
+        if let Some(progress) = progress.as_mut() {
+            progress.set(
+                "local check",
+                report.local_checked_rows,
+                total.max(report.local_checked_rows),
+            );
+        }
         match chunk.next {
             Some(next) => after = Some(next),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Asks the peer to check its own table content against its merge state, chunk by chunk.
+async fn verify_on_peer(
+    exchange: &mut Exchange<'_>,
+    repair: bool,
+    report: &mut TableReport,
+    progress: &mut ProgressGuard<'_>,
+) -> Result<(), ReconcileError> {
+    let mut after: Option<PrimaryKey> = None;
+    loop {
+        let ReconReply::Verified {
+            checked,
+            restored,
+            adopted,
+            next,
+        } = exchange
+            .ask(ReconRequest::Verify {
+                after: after.take(),
+                repair,
+            })
+            .await?
+        else {
+            return Err(ReconcileError::Unexpected);
+        };
+        report.peer_checked_rows += checked;
+        report.peer_restored += restored;
+        report.peer_adopted += adopted;
+        progress.set("local check on peer", report.peer_checked_rows, 0);
+        match next {
+            // a peer that answers with the key it was given would loop forever
+            Some(next) if checked > 0 => after = Some(next),
+            Some(_) => return Err(ReconcileError::Unexpected),
             None => return Ok(()),
         }
     }
@@ -302,7 +470,9 @@ async fn compare_and_repair(
     report: &mut TableReport,
     repair: bool,
     first_pass: bool,
+    progress: &mut ProgressGuard<'_>,
 ) -> Result<bool, ReconcileError> {
+    progress.set("fingerprints", 0, 0);
     let table = exchange.table.clone();
     let t = table.clone();
     let tops = ctx.store.call(move |s| s.top_fingerprints(&t)).await?;
@@ -340,7 +510,11 @@ async fn compare_and_repair(
         }
     }
     let mut found = false;
+    let total = differing_fine.len() as u64;
+    let mut done = 0u64;
     for chunk in differing_fine.chunks(FINE_BUCKETS_PER_REQUEST) {
+        progress.set(if repair { "repair" } else { "rows" }, done, total);
+        done += chunk.len() as u64;
         let buckets = chunk.to_vec();
         let t = table.clone();
         let b = buckets.clone();
@@ -507,6 +681,29 @@ async fn respond_inner(
                 .await?;
             ReconReply::Repaired {
                 applied: report.applied as u64,
+            }
+        }
+        ReconRequest::Verify { after, repair } => {
+            let t = table.clone();
+            let chunk = ctx
+                .store
+                .call(move |s| s.verify_chunk(&t, after.as_ref(), VERIFY_CHUNK_ROWS, repair))
+                .await?;
+            let found = TableReport {
+                local_restored: chunk.restored as u64,
+                local_adopted: chunk.adopted as u64,
+                ..TableReport::default()
+            };
+            if chunk.restored + chunk.adopted > 0 {
+                tracing::warn!(%table, restored = chunk.restored, adopted = chunk.adopted, repaired = repair,
+                    "table content differs from driftless's merge state (written behind its back); found for a peer's reconciliation");
+            }
+            count_drift(ctx, &table, &found);
+            ReconReply::Verified {
+                checked: chunk.checked as u64,
+                restored: chunk.restored as u64,
+                adopted: chunk.adopted as u64,
+                next: chunk.next,
             }
         }
     })

@@ -205,11 +205,26 @@ async fn a_postgres_hub_relays_between_sqlite_spokes() {
         .unwrap()
     })
     .await;
-    let found = driftless_node::ops::request_reconcile(hub.admin, "s1", None, false)
+    // comparing merge states alone cannot see it (capture never saw the edit) ...
+    let states_only = driftless_node::ops::request_reconcile(hub.admin, "s1", None, false)
+        .await
+        .unwrap();
+    assert!(!states_only.found_differences(), "{states_only:?}");
+    // ... the local check does, on this side and on the peer's
+    let local = |repair| driftless_node::reconcile::ReconcileOptions {
+        repair,
+        local_check: true,
+    };
+    let found = driftless_node::ops::request_reconcile_with(hub.admin, "s1", None, local(false))
         .await
         .unwrap();
     assert!(found.found_differences(), "{found:?}");
-    driftless_node::ops::request_reconcile(hub.admin, "s1", None, true)
+    assert_eq!(found.tables[0].local_restored, 1, "{found:?}");
+    let from_s1 = driftless_node::ops::request_reconcile_with(s1.admin, "hub", None, local(false))
+        .await
+        .unwrap();
+    assert_eq!(from_s1.tables[0].peer_restored, 1, "{from_s1:?}");
+    driftless_node::ops::request_reconcile_with(hub.admin, "s1", None, local(true))
         .await
         .unwrap();
     let rows = until_equal(&url, &[&s1, &s2]).await;

@@ -4,7 +4,8 @@
 
 mod support;
 
-use driftless_node::ops::request_reconcile;
+use driftless_node::ops::{request_reconcile, request_reconcile_with};
+use driftless_node::reconcile::ReconcileOptions;
 use support::*;
 
 fn manual_only(cfg: String) -> String {
@@ -90,32 +91,54 @@ async fn identical_replicas_are_reported_in_agreement_in_one_round_trip() {
     p.hub.stop().await.unwrap();
 }
 
+fn local(repair: bool) -> ReconcileOptions {
+    ReconcileOptions {
+        repair,
+        local_check: true,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_changed_behind_drifless_back_are_found_and_repaired_on_both_sides() {
     let mut p = pair().await;
-    // capture disabled on the edge (triggers dropped), then an edit, a delete and an insert
+    // capture disabled on the edge (triggers dropped), then an edit, a delete and an insert; in
+    // one transaction, because the node reinstalls dropped triggers as soon as it sees DDL
     p.edge.sql(
-        "DROP TRIGGER _driftless_upd_items; DROP TRIGGER _driftless_del_items; DROP TRIGGER _driftless_ins_items;
+        "BEGIN; DROP TRIGGER _driftless_upd_items; DROP TRIGGER _driftless_del_items; DROP TRIGGER _driftless_ins_items;
          UPDATE items SET name = 'edited behind its back' WHERE id = 1;
          DELETE FROM items WHERE id = 2;
-         INSERT INTO items VALUES (999, 'never captured', 1.0, 1);",
+         INSERT INTO items VALUES (999, 'never captured', 1.0, 1); COMMIT;",
     );
-    let diff = request_reconcile(p.edge.admin, "hub", None, false)
+    // and on the hub, a row deleted by hand with capture disabled
+    p.hub
+        .sql("BEGIN; DROP TRIGGER _driftless_del_items; DELETE FROM items WHERE id = 3; COMMIT;");
+    // the merge states still agree: only the local check (reading the tables) can see this
+    let states_only = request_reconcile(p.edge.admin, "hub", None, false)
+        .await
+        .unwrap();
+    assert!(!states_only.found_differences(), "{states_only:?}");
+    assert!(!states_only.local_check);
+
+    let diff = request_reconcile_with(p.edge.admin, "hub", None, local(false))
         .await
         .unwrap();
     assert!(diff.found_differences(), "{diff:?}");
-    assert_eq!(
-        (diff.tables[0].local_restored, diff.tables[0].local_adopted),
-        (2, 1),
-        "{diff:?}"
-    );
-    // diff changes nothing
+    let t = &diff.tables[0];
+    assert_eq!((t.local_restored, t.local_adopted), (2, 1), "{diff:?}");
+    assert_eq!((t.peer_restored, t.peer_adopted), (1, 0), "{diff:?}");
+    assert_eq!(t.local_checked_rows, 201, "{diff:?}");
+    assert_eq!(t.peer_checked_rows, 200, "{diff:?}");
+    // diff changes nothing, on either side
     assert_eq!(
         p.edge.query_i64("SELECT count(*) FROM items WHERE id = 2"),
         0
     );
+    assert_eq!(
+        p.hub.query_i64("SELECT count(*) FROM items WHERE id = 3"),
+        0
+    );
 
-    let fixed = request_reconcile(p.edge.admin, "hub", None, true)
+    let fixed = request_reconcile_with(p.edge.admin, "hub", None, local(true))
         .await
         .unwrap();
     assert!(fixed.found_differences());
@@ -127,24 +150,72 @@ async fn rows_changed_behind_drifless_back_are_found_and_repaired_on_both_sides(
             1
         );
         assert_eq!(node.query_i64("SELECT count(*) FROM items WHERE id = 2"), 1);
+        assert_eq!(node.query_i64("SELECT count(*) FROM items WHERE id = 3"), 1);
         assert_eq!(
             node.query_i64("SELECT count(*) FROM items WHERE id = 999"),
             1
         );
     }
-    // the discarded content is in the edge's ledger, rule "drift"
+    // the discarded content is in each side's ledger, rule "drift", and counted as drift
     assert!(
         p.edge
             .query_i64("SELECT count(*) FROM _driftless_conflicts WHERE rule = 'drift'")
             >= 2
     );
-    // and now they agree
-    let again = request_reconcile(p.edge.admin, "hub", None, false)
+    assert!(
+        p.hub
+            .query_i64("SELECT count(*) FROM _driftless_conflicts WHERE rule = 'drift'")
+            >= 1
+    );
+    for node in [&p.hub, &p.edge] {
+        let metrics = node.metrics().await;
+        assert!(
+            metrics.contains("driftless_drift_incidents_total{table=\"items\"}"),
+            "{metrics}"
+        );
+    }
+    // and now they agree, tables included
+    let again = request_reconcile_with(p.edge.admin, "hub", None, local(false))
         .await
         .unwrap();
     assert!(!again.found_differences(), "{again:?}");
     p.edge.stop().await.unwrap();
     p.hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_local_check_restores_rows_written_behind_drifless_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::bind().await;
+    let cfg = config_text("solo", "", "").replace(
+        "[sync]\n",
+        "[sync]\nreconcile_interval_ms = 0\nlocal_check_interval_ms = 500\n",
+    );
+    let mut node = TestNode::start(dir.path(), "solo", ports, cfg).await;
+    node.sql(
+        "INSERT INTO items VALUES (1, 'one', 1.0, 1); INSERT INTO items VALUES (2, 'two', 2.0, 2);",
+    );
+    eventually("the inserts to be captured", async || {
+        node.status().await.changes_captured >= 2
+    })
+    .await;
+    node.sql(
+        "BEGIN; DROP TRIGGER _driftless_upd_items; UPDATE items SET name = 'by hand' WHERE id = 1; COMMIT;",
+    );
+    eventually("the local check to restore row 1", async || {
+        node.query_i64("SELECT count(*) FROM items WHERE id = 1 AND name = 'one'") == 1
+    })
+    .await;
+    assert_eq!(
+        node.query_i64("SELECT count(*) FROM _driftless_conflicts WHERE rule = 'drift'"),
+        1
+    );
+    let metrics = node.metrics().await;
+    assert!(
+        metrics.contains("driftless_drift_incidents_total{table=\"items\"} 1"),
+        "{metrics}"
+    );
+    node.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,7 +301,7 @@ async fn a_repair_never_overwrites_a_newer_concurrent_write() {
     .await;
     p.edge
         .sql("UPDATE items SET name = 'edge, newest' WHERE id = 8");
-    request_reconcile(p.edge.admin, "hub", None, true)
+    request_reconcile_with(p.edge.admin, "hub", None, local(true))
         .await
         .unwrap();
     converge(&[&p.hub, &p.edge]).await;

@@ -47,7 +47,10 @@ pub fn install(conn: &Connection) -> rusqlite::Result<()> {
             h INTEGER NOT NULL,
             PRIMARY KEY (tbl, pk)
         ) WITHOUT ROWID;
-        CREATE INDEX IF NOT EXISTS _driftless_rows_bucket ON _driftless_rows (tbl, bucket);
+        -- Covers the item hash: range fingerprints and bucket listings then read the index alone
+        -- instead of one primary-key search per row (versions before 0.1 had (tbl, bucket)).
+        DROP INDEX IF EXISTS _driftless_rows_bucket;
+        CREATE INDEX IF NOT EXISTS _driftless_rows_bucket_h ON _driftless_rows (tbl, bucket, h);
 
         -- Per table and top bucket: the XOR of its rows' item hashes, folded in once per write
         -- transaction, so range fingerprints cost 4,096 reads instead of a table scan.

@@ -149,6 +149,12 @@ pub enum ReconRequest {
     },
     /// Row states the responder lacks or holds differently; it merges them.
     Repair { changes: Vec<Change> },
+    /// Check the responder's own table content against its merge state (writes made behind
+    /// driftless's back), one chunk of keys after `after`; with `repair`, restore it.
+    Verify {
+        after: Option<PrimaryKey>,
+        repair: bool,
+    },
 }
 
 /// The responder's answer to a [`ReconRequest`].
@@ -169,6 +175,14 @@ pub enum ReconReply {
     Repaired { applied: u64 },
     /// The request could not be served (unknown table, limits).
     Refused { reason: String },
+    /// One chunk of the responder's local check: rows checked, restored and adopted, and the
+    /// key to continue after (`None`: the table is done).
+    Verified {
+        checked: u64,
+        restored: u64,
+        adopted: u64,
+        next: Option<PrimaryKey>,
+    },
 }
 
 /// One table's fingerprints in a [`Message::Digest`].
@@ -300,6 +314,11 @@ fn encode_payload(message: &Message) -> (u8, Vec<u8>) {
                     e.u8(3);
                     put_changes(&mut e, changes);
                 }
+                ReconRequest::Verify { after, repair } => {
+                    e.u8(4);
+                    put_optional_key(&mut e, after.as_ref());
+                    e.u8(u8::from(*repair));
+                }
             }
             TAG_RECON_REQUEST
         }
@@ -337,6 +356,18 @@ fn encode_payload(message: &Message) -> (u8, Vec<u8>) {
                     e.u8(4);
                     e.bytes(reason.as_bytes());
                 }
+                ReconReply::Verified {
+                    checked,
+                    restored,
+                    adopted,
+                    next,
+                } => {
+                    e.u8(5);
+                    e.u64(*checked);
+                    e.u64(*restored);
+                    e.u64(*adopted);
+                    put_optional_key(&mut e, next.as_ref());
+                }
             }
             TAG_RECON_RESPONSE
         }
@@ -366,6 +397,24 @@ fn get_i64s(d: &mut Decoder<'_>) -> Result<Vec<i64>, WireError> {
 fn get_key(d: &mut Decoder<'_>) -> Result<PrimaryKey, WireError> {
     let bytes = d.bytes(driftless_core::key::KEY_ENCODED_BYTES_MAX)?;
     PrimaryKey::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+fn put_optional_key(e: &mut Encoder, key: Option<&PrimaryKey>) {
+    match key {
+        None => e.u8(0),
+        Some(key) => {
+            e.u8(1);
+            e.bytes(key.as_bytes());
+        }
+    }
+}
+
+fn get_optional_key(d: &mut Decoder<'_>) -> Result<Option<PrimaryKey>, WireError> {
+    match d.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(get_key(d)?)),
+        other => Err(WireError::Malformed(format!("optional key marker {other}"))),
+    }
 }
 
 fn get_keys(d: &mut Decoder<'_>) -> Result<Vec<PrimaryKey>, WireError> {
@@ -502,6 +551,10 @@ fn decode_payload(tag: u8, payload: &[u8]) -> Result<Message, WireError> {
                 3 => ReconRequest::Repair {
                     changes: get_changes(&mut d)?,
                 },
+                4 => ReconRequest::Verify {
+                    after: get_optional_key(&mut d)?,
+                    repair: d.u8()? != 0,
+                },
                 other => return Err(WireError::Malformed(format!("reconciliation step {other}"))),
             };
             Message::ReconRequest { id, table, request }
@@ -527,6 +580,12 @@ fn decode_payload(tag: u8, payload: &[u8]) -> Result<Message, WireError> {
                 3 => ReconReply::Repaired { applied: d.u64()? },
                 4 => ReconReply::Refused {
                     reason: d.text(TEXT_BYTES_MAX)?.to_owned(),
+                },
+                5 => ReconReply::Verified {
+                    checked: d.u64()?,
+                    restored: d.u64()?,
+                    adopted: d.u64()?,
+                    next: get_optional_key(&mut d)?,
                 },
                 other => {
                     return Err(WireError::Malformed(format!(

@@ -61,7 +61,74 @@ fn messages() -> Vec<Message> {
         Message::Goodbye {
             reason: "bye".into(),
         },
+        Message::Digest {
+            head: LogSeq(3),
+            cursor: LogSeq(2),
+            tables: vec![TableDigestWire {
+                table: TableName::new("items").unwrap(),
+                fingerprints: vec![1, -2, i64::MAX],
+            }],
+        },
+        recon(ReconRequest::Top {
+            fingerprints: vec![0, -1, 5],
+        }),
+        recon(ReconRequest::Items {
+            buckets: vec![3, 70_000],
+            items: vec![
+                (3, PrimaryKey::integer(-4), -9),
+                (70_000, PrimaryKey::integer(8), 11),
+            ],
+            repair: true,
+        }),
+        recon(ReconRequest::Repair {
+            changes: vec![change(3)],
+        }),
+        recon(ReconRequest::Verify {
+            after: None,
+            repair: false,
+        }),
+        recon(ReconRequest::Verify {
+            after: Some(PrimaryKey::integer(12)),
+            repair: true,
+        }),
+        reply(ReconReply::Fine {
+            buckets: vec![(4, vec![1, 2, 3])],
+        }),
+        reply(ReconReply::Rows {
+            wanted: vec![PrimaryKey::integer(1)],
+            differing: vec![PrimaryKey::integer(2)],
+            only_here: vec![],
+            changes: vec![change(2)],
+        }),
+        reply(ReconReply::Repaired { applied: 9 }),
+        reply(ReconReply::Refused {
+            reason: "no".into(),
+        }),
+        reply(ReconReply::Verified {
+            checked: 5_000,
+            restored: 2,
+            adopted: 1,
+            next: Some(PrimaryKey::integer(5_000)),
+        }),
+        reply(ReconReply::Verified {
+            checked: 3,
+            restored: 0,
+            adopted: 0,
+            next: None,
+        }),
     ]
+}
+
+fn recon(request: ReconRequest) -> Message {
+    Message::ReconRequest {
+        id: 17,
+        table: TableName::new("items").unwrap(),
+        request,
+    }
+}
+
+fn reply(reply: ReconReply) -> Message {
+    Message::ReconResponse { id: 17, reply }
 }
 
 #[tokio::test]

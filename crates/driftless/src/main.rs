@@ -1,6 +1,8 @@
 //! The `driftless` binary: parses the command line and hands off to the library crates.
 //! It holds no logic of its own.
 
+mod progress;
+
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use driftless_node::{Config, Listeners, ops};
@@ -72,6 +74,10 @@ enum Command {
         peer: String,
         #[arg(long)]
         table: Option<String>,
+        /// Also read every row of both replicas against their merge states, to find writes made
+        /// behind driftless's back (a full scan on each side; otherwise done on a schedule).
+        #[arg(long)]
+        local: bool,
         #[arg(long)]
         json: bool,
     },
@@ -83,6 +89,10 @@ enum Command {
         peer: String,
         #[arg(long)]
         table: Option<String>,
+        /// Also read every row of both replicas against their merge states and restore rows
+        /// written behind driftless's back (a full scan on each side).
+        #[arg(long)]
+        local: bool,
         #[arg(long)]
         json: bool,
     },
@@ -323,35 +333,45 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             peer,
             table,
+            local,
             json,
         }
         | Command::Reconcile {
             config,
             peer,
             table,
+            local,
             json,
         } => {
             let config = Config::load(&config)?;
             let addr = config.admin_addr.context(
                 "the node's [admin] addr is needed: diff and reconcile run in the running node",
             )?;
-            let request = ops::request_reconcile(addr, &peer, table.as_deref(), repair);
+            let options = driftless_node::reconcile::ReconcileOptions {
+                repair,
+                local_check: local,
+            };
+            let request = ops::request_reconcile_with(addr, &peer, table.as_deref(), options);
             tokio::pin!(request);
-            let started = std::time::Instant::now();
-            let show = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            // progress on a terminal only: scripts and --json get the report alone
+            let bar = (!json && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .then(progress::ReconcileBar::new);
             let report = loop {
                 tokio::select! {
-                    result = &mut request => break result.map_err(anyhow::Error::msg)?,
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
-                        if show {
-                            eprint!("\r{} with {peer}... {} s", if repair { "reconciling" } else { "comparing" }, started.elapsed().as_secs());
+                    result = &mut request => break result,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
+                        if let Some(bar) = &bar
+                            && let Ok(progress) = ops::fetch_reconcile_progress(addr).await
+                        {
+                            bar.show(progress.as_ref());
                         }
                     }
                 }
             };
-            if show {
-                eprint!("\r\x1b[K");
+            if let Some(bar) = bar {
+                bar.finish();
             }
+            let report = report.map_err(anyhow::Error::msg)?;
             if json {
                 print_json(&serde_json::to_value(&report)?);
             } else {

@@ -1039,3 +1039,92 @@ fn status_and_dlq_commands_work_against_a_running_node() {
     );
     assert_eq!(items["rows"], 3, "{shown}");
 }
+
+#[test]
+fn diff_and_reconcile_commands_find_and_repair_drift() {
+    let mut cluster = Cluster::new(&[
+        Spec {
+            name: "a",
+            listen: false,
+            dials: &["b"],
+        },
+        Spec {
+            name: "b",
+            listen: true,
+            dials: &[],
+        },
+    ]);
+    cluster.start(&["a", "b"]);
+    let (a, b) = (cluster.db("a"), cluster.db("b"));
+    insert_rows(&a, 1..=500, 5);
+    cluster.converge(
+        &["a", "b"],
+        "the first rows",
+        |db| Ok(count_and_stock(db)?.0 == 500),
+        describe_counts,
+    );
+    let a_config = cluster.config("a").display().to_string();
+    // the link may still be coming up: ask until it is there
+    let started = Instant::now();
+    let agreed = loop {
+        let out = cluster.cli(&["diff", "-c", &a_config, "--peer", "b"]);
+        if out.status.code() == Some(0) || started.elapsed() > CONVERGE_TIMEOUT {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = String::from_utf8_lossy(&agreed.stdout);
+    assert_eq!(
+        agreed.status.code(),
+        Some(0),
+        "{text}{}{}",
+        String::from_utf8_lossy(&agreed.stderr),
+        cluster.logs()
+    );
+    assert!(text.contains("in agreement"), "{text}");
+    assert!(text.contains("not checked"), "{text}");
+
+    // b's row 7 edited behind driftless's back (capture disabled in the same transaction)
+    exec(
+        &b,
+        "BEGIN; DROP TRIGGER _driftless_upd_items; UPDATE items SET name = 'by hand' WHERE id = 7; COMMIT;",
+    );
+    let out = cluster.cli(&["diff", "-c", &a_config, "--peer", "b", "--local"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", cluster.logs());
+    assert!(text.contains("0 here, 1 there"), "{text}");
+    assert!(text.contains("differences found"), "{text}");
+    assert!(text.contains("local check: 1000 rows read"), "{text}");
+    assert_eq!(item(&b, 7).expect("row 7").0.as_deref(), Some("by hand"));
+
+    let report = cluster.cli_json(&[
+        "reconcile",
+        "-c",
+        &a_config,
+        "--peer",
+        "b",
+        "--local",
+        "--json",
+    ]);
+    let shown = serde_json::to_string_pretty(&report).expect("json");
+    assert_eq!(report["tables"][0]["peer_restored"], 1, "{shown}");
+    assert_eq!(report["local_check"], true, "{shown}");
+    assert_eq!(
+        item(&b, 7).expect("row 7").0.as_deref(),
+        Some("item 7"),
+        "{shown}"
+    );
+    let out = cluster.cli(&["diff", "-c", &a_config, "--peer", "b", "--local"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // a peer that is not linked: a clear error and exit status 2 (1 means "differences")
+    let out = cluster.cli(&["diff", "-c", &a_config, "--peer", "nobody"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not connected to peer nobody"), "{stderr}");
+}

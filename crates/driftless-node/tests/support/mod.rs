@@ -145,6 +145,12 @@ impl TestNode {
     pub async fn status(&self) -> NodeStatus {
         driftless_node::ops::fetch_status(self.admin).await.unwrap()
     }
+
+    pub async fn metrics(&self) -> String {
+        driftless_node::ops::fetch_metrics(self.admin)
+            .await
+            .unwrap()
+    }
 }
 
 /// Waits until all nodes hold identical `items` tables; panics with the digests otherwise.

@@ -10,7 +10,7 @@
 
 use crate::meta::KEY_COLUMNS_MAX;
 use crate::rowio::{append_log, key_part_from_sql, load_state, read_user_row, write_user_row};
-use crate::schema::{OP_DELETE, OP_UPDATE, Synced, db};
+use crate::schema::{OP_CHECK, OP_DELETE, OP_UPDATE, Synced, db};
 use crate::store::SqliteStore;
 use driftless_core::{Clock, PrimaryKey, Version};
 use driftless_store::capture::{self, CapturedOp, Stamp};
@@ -138,6 +138,7 @@ impl<C: Clock> SqliteStore<C> {
         let op = match op {
             OP_DELETE => CapturedOp::Delete,
             OP_UPDATE => CapturedOp::Update,
+            OP_CHECK => CapturedOp::Check,
             _ => CapturedOp::Insert,
         };
         let stamp = capture::plan(op, &state, current.as_deref());

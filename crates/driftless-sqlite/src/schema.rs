@@ -133,6 +133,9 @@ pub fn introspect(conn: &Connection, config: &TableConfig) -> Result<TableSchema
 pub const OP_INSERT: i64 = 1;
 pub const OP_UPDATE: i64 = 2;
 pub const OP_DELETE: i64 = 3;
+/// A row that a write may have deleted through a UNIQUE conflict (`INSERT OR REPLACE`): stamping
+/// looks at whether it still exists.
+pub const OP_CHECK: i64 = 4;
 
 /// The three capture triggers of a table as `(name, CREATE TRIGGER statement)`. Each records
 /// only the table id, the operation and the primary key; values are read from the table when the
@@ -189,6 +192,105 @@ pub fn trigger_sql(schema: &TableSchema, id: i64) -> [(String, String); 3] {
     ]
 }
 
+/// The UNIQUE indexes of a table other than its primary key, as column lists. Indexes on
+/// expressions are left out (their conflicts cannot be named by column); see docs/sqlite.md.
+fn unique_indexes(conn: &Connection, table: &str) -> Result<Vec<Vec<String>>, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT name FROM pragma_index_list(?1) WHERE \"unique\" = 1 AND origin != 'pk'")
+        .map_err(db)?;
+    let names: Vec<String> = stmt
+        .query_map([table], |r| r.get(0))
+        .map_err(db)?
+        .collect::<Result<_, _>>()
+        .map_err(db)?;
+    let mut out = Vec::new();
+    for index in names {
+        let mut stmt = conn
+            .prepare("SELECT name FROM pragma_index_info(?1) ORDER BY seqno")
+            .map_err(db)?;
+        let columns: Vec<Option<String>> = stmt
+            .query_map([&index], |r| r.get(0))
+            .map_err(db)?
+            .collect::<Result<_, _>>()
+            .map_err(db)?;
+        if let Some(columns) = columns.into_iter().collect::<Option<Vec<String>>>() {
+            out.push(columns);
+        }
+    }
+    Ok(out)
+}
+
+/// For a table with UNIQUE indexes besides its key: triggers that record, before each insert or
+/// update, the rows whose unique values the new row takes. `INSERT OR REPLACE` deletes such rows
+/// without firing delete triggers (unless the writer enabled `recursive_triggers`), so their
+/// deletion would otherwise never be captured. A recorded row that was not deleted (the write
+/// was an `OR IGNORE`, or failed) stamps as nothing.
+fn replace_trigger_sql(
+    schema: &TableSchema,
+    id: i64,
+    unique: &[Vec<String>],
+) -> Vec<(String, String)> {
+    if unique.is_empty() {
+        return Vec::new();
+    }
+    let table = schema.name.as_str();
+    let qtable = quote_ident(table);
+    let keys = schema.key_columns();
+    let target: String = (0..keys.len()).map(|i| format!(", k{i}")).collect();
+    let key_cols: String = keys
+        .iter()
+        .map(|c| format!(", t.{}", quote_ident(c.name.as_str())))
+        .collect();
+    let same_key = |row: &str| -> String {
+        keys.iter()
+            .map(|c| {
+                let q = quote_ident(c.name.as_str());
+                format!("t.{q} IS {row}.{q}")
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let body = |row: &str| -> String {
+        unique
+            .iter()
+            .map(|columns| {
+                let matches = columns
+                    .iter()
+                    .map(|c| {
+                        let q = quote_ident(c);
+                        format!("t.{q} = NEW.{q}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                format!(
+                    "INSERT INTO _driftless_pending (tbl, op{target}) SELECT {id}, {OP_CHECK}{key_cols} \
+                     FROM {qtable} AS t WHERE {matches} AND NOT ({}); ",
+                    same_key(row)
+                )
+            })
+            .collect()
+    };
+    let name = |op: &str| format!("_driftless_{op}_{table}");
+    vec![
+        (
+            name("insrep"),
+            format!(
+                "CREATE TRIGGER {} BEFORE INSERT ON {qtable} BEGIN {}END",
+                quote_ident(&name("insrep")),
+                body("NEW")
+            ),
+        ),
+        (
+            name("updrep"),
+            format!(
+                "CREATE TRIGGER {} BEFORE UPDATE ON {qtable} BEGIN {}END",
+                quote_ident(&name("updrep")),
+                body("OLD")
+            ),
+        ),
+    ]
+}
+
 /// Installs the capture triggers unless exactly these are already installed. Leaving identical
 /// triggers alone keeps the schema version still, so other connections (a running node, the
 /// user's app) do not have to re-read the schema every time a tool opens the database.
@@ -197,7 +299,27 @@ pub fn install_triggers(
     schema: &TableSchema,
     id: i64,
 ) -> Result<(), StoreError> {
-    for (name, sql) in trigger_sql(schema, id) {
+    let unique = unique_indexes(conn, schema.name.as_str())?;
+    let replace = replace_trigger_sql(schema, id, &unique);
+    if replace.is_empty() {
+        // a unique index was dropped: its guard triggers go too
+        for op in ["insrep", "updrep"] {
+            let name = format!("_driftless_{op}_{}", schema.name.as_str());
+            let exists: bool = conn
+                .query_row(
+                    "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND name = ?1",
+                    [&name],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(db)?
+                > 0;
+            if exists {
+                conn.execute_batch(&format!("DROP TRIGGER {}", quote_ident(&name)))
+                    .map_err(db)?;
+            }
+        }
+    }
+    for (name, sql) in trigger_sql(schema, id).into_iter().chain(replace) {
         let existing: Option<String> = conn
             .query_row(
                 "SELECT sql FROM sqlite_schema WHERE type = 'trigger' AND name = ?1",

@@ -474,3 +474,73 @@ fn oversized_batches_are_refused_before_touching_the_store() {
     assert!(matches!(err, StoreError::BatchTooLarge { .. }), "{err}");
     assert_eq!(a.cursor(NodeId::new(2)).unwrap(), LogSeq(0));
 }
+
+#[test]
+fn rows_removed_by_insert_or_replace_through_a_unique_conflict_are_captured_as_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let ddl = "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER);
+               CREATE UNIQUE INDEX IF NOT EXISTS items_name ON items (name);";
+    let (mut a, client) = open(&dir.path().join("a.db"), 1, &clock, ddl);
+    let (mut b, b_client) = open(&dir.path().join("b.db"), 2, &clock, ddl);
+    client
+        .execute_batch(
+            "INSERT INTO items VALUES (1, 'x', 1), (2, 'y', 2), (3, 'z', 3), (4, NULL, 4), (5, NULL, 5);",
+        )
+        .unwrap();
+    a.capture(100).unwrap();
+    sync(&mut a, &mut b);
+    assert_eq!(rows(&b_client), rows(&client));
+
+    // row 1 goes through REPLACE on the unique name (no delete trigger fires for it) ...
+    client
+        .execute_batch("INSERT OR REPLACE INTO items VALUES (10, 'x', 10);")
+        .unwrap();
+    // ... row 2 through UPDATE OR REPLACE; an OR IGNORE that loses deletes nothing; NULLs never
+    // conflict
+    client
+        .execute_batch(
+            "UPDATE OR REPLACE items SET name = 'y' WHERE id = 3;
+             INSERT OR IGNORE INTO items VALUES (11, 'y', 11);
+             INSERT OR REPLACE INTO items VALUES (12, NULL, 12);",
+        )
+        .unwrap();
+    let captured = a.capture(100).unwrap();
+    let deleted: Vec<String> = captured
+        .changes
+        .iter()
+        .filter(|c| c.is_delete())
+        .map(|c| c.key.to_string())
+        .collect();
+    assert_eq!(deleted.len(), 2, "{captured:?}");
+    assert_eq!(
+        rows(&client),
+        vec![
+            (3, Some("y".into()), Some(3)),
+            (4, None, Some(4)),
+            (5, None, Some(5)),
+            (10, Some("x".into()), Some(10)),
+            (12, None, Some(12)),
+        ]
+    );
+    sync(&mut a, &mut b);
+    assert_eq!(rows(&b_client), rows(&client));
+    // and the local check finds nothing to restore: the deletions are in the merge state
+    let report = a.verify_chunk(&items(), None, 1_000, false).unwrap();
+    assert_eq!((report.restored, report.adopted), (0, 0), "{report:?}");
+
+    // dropping the unique index drops the guard triggers with it
+    let guards = |conn: &Connection| -> i64 {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND name LIKE '%rep_items'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(guards(&client), 2);
+    drop(a);
+    client.execute_batch("DROP INDEX items_name;").unwrap();
+    let (_a, client) = open(&dir.path().join("a.db"), 1, &clock, DDL);
+    assert_eq!(guards(&client), 0);
+}

@@ -11,6 +11,9 @@ pub enum CapturedOp {
     Insert,
     Update,
     Delete,
+    /// The row may have been deleted without a delete record (SQLite's `INSERT OR REPLACE`
+    /// removing a row through a UNIQUE conflict): what the table holds now decides.
+    Check,
 }
 
 /// What a recorded write turns into.
@@ -33,6 +36,7 @@ pub fn plan(op: CapturedOp, state: &RowState, current: Option<&[(ColumnName, Val
     match (op, current) {
         (CapturedOp::Delete, _) if state.is_live() => Stamp::Delete,
         (CapturedOp::Delete, _) => Stamp::Nothing,
+        (CapturedOp::Check, None) if state.is_live() => Stamp::Delete,
         (_, None) => Stamp::Nothing,
         (_, Some(row)) if !state.is_live() => Stamp::Insert(row.to_vec()),
         (_, Some(row)) => {

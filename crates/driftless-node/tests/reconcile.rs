@@ -75,6 +75,13 @@ async fn identical_replicas_are_reported_in_agreement_in_one_round_trip() {
         .unwrap();
     assert!(!report.found_differences(), "{report:?}");
     assert_eq!(report.round_trips, 1);
+    // nothing runs now: no progress to show
+    assert_eq!(
+        driftless_node::ops::fetch_reconcile_progress(p.edge.admin)
+            .await
+            .unwrap(),
+        None
+    );
     assert_eq!(report.tables[0].ranges_differing, 0);
     assert!(
         report.bytes_sent + report.bytes_received < 64 * 1024,

@@ -25,7 +25,8 @@
 //!    idle digest check and log compaction are pushed out to one hour, so they do not run during
 //!    the measurements. The benchmark waits until both sides show the link connected.
 //! 5. **Measurements**, through `b`'s admin API (`POST /reconcile`, as `driftless diff` and
-//!    `driftless reconcile` do): a diff, a repair, and a second diff that must find nothing. For
+//!    `driftless reconcile` do): a diff, a repair, and a second diff that must find nothing (with
+//!    `--local-check`, then `diff --local`, which also reads every row of both replicas). For
 //!    each step: wall time of the request, the report's round trips and bytes, and each node's
 //!    resident set before the step (`VmRSS`) and its peak during the step. The peak is `VmHWM`,
 //!    reset through `/proc/PID/clear_refs` just before the step. Both nodes are then stopped,
@@ -35,6 +36,7 @@
 //! cargo bench -p driftless --bench reconcile                  # 1M rows; D = 1, 100, 10000
 //! cargo bench -p driftless --bench reconcile -- --big         # 10M rows
 //! cargo bench -p driftless --bench reconcile -- --rows 200000 --diffs 1,100 --dir /tmp/rb
+//! cargo bench -p driftless --bench reconcile -- --diffs 100 --local-check  # + the full scan
 //! ```
 //!
 //! `--rows N` (or `DRIFTLESS_BENCH_ROWS`), `--big` (10M rows), and `--diffs D1,D2,..` set the
@@ -44,7 +46,8 @@
 
 use driftless_core::{NodeId, TableName};
 use driftless_node::node_id_from_name;
-use driftless_node::ops::{fetch_status, request_reconcile};
+use driftless_node::ops::{fetch_status, request_reconcile_with};
+use driftless_node::reconcile::ReconcileOptions;
 use driftless_node::reconcile::ReconcileReport;
 use driftless_sqlite::{SqliteOptions, SqliteStore};
 use driftless_store::{CAPTURE_BATCH_ROWS_MAX, Store, TableConfig};
@@ -101,6 +104,8 @@ struct Config {
     driftless: PathBuf,
     dir: Option<PathBuf>,
     heartbeat_ms: u64,
+    /// Also measure `diff --local` (the full local check on both sides) after the repair.
+    local_check: bool,
 }
 
 fn parse_count(text: &str, what: &str) -> Result<u64> {
@@ -119,6 +124,7 @@ fn config() -> Result<Config> {
         driftless: PathBuf::from(env!("CARGO_BIN_EXE_driftless")),
         dir: None,
         heartbeat_ms: HEARTBEAT_MS_DEFAULT,
+        local_check: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -143,6 +149,7 @@ fn config() -> Result<Config> {
             }
             "--driftless" => config.driftless = PathBuf::from(value("--driftless")?),
             "--dir" => config.dir = Some(PathBuf::from(value("--dir")?)),
+            "--local-check" => config.local_check = true,
             "--heartbeat-ms" => {
                 config.heartbeat_ms = parse_count(&value("--heartbeat-ms")?, "--heartbeat-ms")?;
             }
@@ -151,7 +158,8 @@ fn config() -> Result<Config> {
             "-h" | "--help" => {
                 println!(
                     "usage: cargo bench -p driftless --bench reconcile -- [--rows N | --big] \
-                     [--diffs D1,D2,..] [--dir DIR] [--driftless PATH] [--heartbeat-ms MS]\n\
+                     [--diffs D1,D2,..] [--dir DIR] [--driftless PATH] [--heartbeat-ms MS] \
+                     [--local-check]\n\
                      (defaults: {ROWS_DEFAULT} rows, --big = {ROWS_BIG}, diffs {DIFFS_DEFAULT:?}, \
                      heartbeat {HEARTBEAT_MS_DEFAULT} ms; env DRIFTLESS_BENCH_ROWS)"
                 );
@@ -591,6 +599,8 @@ enum Step {
     Diff,
     Repair,
     DiffAfter,
+    /// `diff --local`: the local check of both replicas, then the comparison.
+    LocalCheck,
 }
 
 impl Step {
@@ -599,6 +609,7 @@ impl Step {
             Step::Diff => "diff",
             Step::Repair => "repair",
             Step::DiffAfter => "diff again",
+            Step::LocalCheck => "diff --local",
         }
     }
 }
@@ -649,12 +660,11 @@ fn measure(
     reset_peak(a.pid())?;
     reset_peak(b.pid())?;
     let started = Instant::now();
-    let outcome = rt.block_on(request_reconcile(
-        b.admin,
-        "a",
-        Some("items"),
-        step == Step::Repair,
-    ));
+    let options = ReconcileOptions {
+        repair: step == Step::Repair,
+        local_check: step == Step::LocalCheck,
+    };
+    let outcome = rt.block_on(request_reconcile_with(b.admin, "a", Some("items"), options));
     let wall = started.elapsed();
     let (_, peak_a) = memory_kb(a.pid())?;
     let (_, peak_b) = memory_kb(b.pid())?;
@@ -732,7 +742,11 @@ fn run_pair(
     }
     let mut out = Vec::new();
     let mut failed = false;
-    for step in [Step::Diff, Step::Repair, Step::DiffAfter] {
+    let mut steps = vec![Step::Diff, Step::Repair, Step::DiffAfter];
+    if config.local_check {
+        steps.push(Step::LocalCheck);
+    }
+    for step in steps {
         let m = measure(rt, &a, &b, step, rows, diffs)?;
         match &m.outcome {
             Ok(report) => eprintln!(
@@ -758,7 +772,7 @@ fn run_pair(
             }
         }
         let found = m.found().unwrap_or_default();
-        if step == Step::DiffAfter {
+        if matches!(step, Step::DiffAfter | Step::LocalCheck) {
             if m.report().is_some_and(ReconcileReport::found_differences) {
                 return Err(
                     format!("the replicas still differ after the repair: {found:?}").into(),
@@ -919,7 +933,11 @@ fn print_targets(results: &[Measured]) {
     );
     let checked: Vec<&Measured> = results
         .iter()
-        .filter(|m| m.rows == TARGET_ROWS && m.diffs == TARGET_DIFFS && m.step != Step::DiffAfter)
+        .filter(|m| {
+            m.rows == TARGET_ROWS
+                && m.diffs == TARGET_DIFFS
+                && matches!(m.step, Step::Diff | Step::Repair)
+        })
         .collect();
     if checked.is_empty() {
         println!("  (not measured in this run: use --big)");

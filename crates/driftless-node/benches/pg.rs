@@ -43,6 +43,8 @@
 //! `--rows N`, `--updates U` (or `DRIFTLESS_BENCH_ROWS`, `DRIFTLESS_BENCH_UPDATES`);
 //! `--batch-changes B` and `--window W` set `[sync] batch_changes_max` and `window_batches`;
 //! `--only native` or `--only driftless` runs one setup (no ratios then).
+//! `DRIFTLESS_BENCH_LOG_STATEMENTS=1` (profiling) sets `log_min_duration_statement = 0` on every
+//! database the run creates, so the server's log holds each statement with its duration.
 
 use driftless_node::status::PeerStatus;
 use driftless_node::{Config, Listeners, NodeError, NodeStatus};
@@ -245,6 +247,13 @@ impl Server {
         admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))?;
         admin.batch_execute(&format!("CREATE DATABASE \"{name}\""))?;
         self.databases.push(name.clone());
+        if std::env::var_os("DRIFTLESS_BENCH_LOG_STATEMENTS").is_some() {
+            // Profiling aid: every statement in this database goes to the server's log with
+            // its duration (`log_min_duration_statement = 0`), for a per-statement split.
+            admin.batch_execute(&format!(
+                "ALTER DATABASE \"{name}\" SET log_min_duration_statement = 0"
+            ))?;
+        }
         let url = database_url(&name);
         connect(&url, PROBE_APP)?.batch_execute(DDL)?;
         Ok(url)

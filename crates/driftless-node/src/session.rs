@@ -14,6 +14,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument as _;
 
+/// While batches are in flight, a peer's acks are stored at most this often (see the `Ack`
+/// handler).
+const ACK_RECORD_INTERVAL: Duration = Duration::from_millis(200);
+
 /// How long the other side has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -351,19 +355,73 @@ where
         p.backlog_in = hello.log_head.0.saturating_sub(hello.cursor.0)
     });
     let silence = Duration::from_millis(sync.heartbeat_ms * 4);
+    let mut last_ack_record = std::time::Instant::now();
     let mut shutdown = ctx.shutdown.clone();
+    // The read half is drained by a task of its own into a queue, so that the batches the
+    // peer's window has already delivered can be seen (and applied together) without a read
+    // that could be cancelled halfway through a message.
+    let (inbox_tx, mut inbox) =
+        mpsc::channel::<Result<Message, WireError>>(sync.window_batches + 8);
+    let reader_task = tokio::spawn(async move {
+        loop {
+            let message = read_message(&mut reader).await;
+            let failed = message.is_err();
+            if inbox_tx.send(message).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    // A message taken from the queue while gathering batches, handled next.
+    let mut held: Option<Result<Message, WireError>> = None;
     let result: Result<(), SessionError> = async {
         loop {
-            let message = tokio::select! {
-                m = tokio::time::timeout(silence, read_message(&mut reader)) => match m {
-                    Err(_) => return Err(SessionError::Silent(silence)),
-                    Ok(m) => m?,
+            let message = match held.take() {
+                Some(m) => m?,
+                None => tokio::select! {
+                    m = tokio::time::timeout(silence, inbox.recv()) => match m {
+                        Err(_) => return Err(SessionError::Silent(silence)),
+                        Ok(Some(m)) => m?,
+                        // the reader stops only after passing on its error
+                        Ok(None) => return Err(SessionError::Silent(silence)),
+                    },
+                    _ = crate::node::stopped(&mut shutdown) => return Err(SessionError::Shutdown),
                 },
-                _ = crate::node::stopped(&mut shutdown) => return Err(SessionError::Shutdown),
             };
             match message {
-                Message::Batch(batch) => {
+                Message::Batch(mut batch) => {
                     let ack = if batch.kind == BatchKind::Snapshot || batch.after == expected {
+                        // Log batches that follow on directly and have already arrived are
+                        // applied in the same transaction, with the cursor of the last one: one
+                        // commit (and its WAL flush) and one set of per-transaction statements
+                        // instead of several. Still exactly once: the changes and the cursor
+                        // covering them commit together or not at all.
+                        let mut merged = 1u64;
+                        while batch.kind == BatchKind::Log
+                            && batch.changes.len() < driftless_store::APPLY_BATCH_CHANGES_MAX
+                        {
+                            match inbox.try_recv() {
+                                Ok(Ok(Message::Batch(next)))
+                                    if next.kind == BatchKind::Log
+                                        && next.after == batch.next
+                                        && batch.changes.len() + next.changes.len()
+                                            <= driftless_store::APPLY_BATCH_CHANGES_MAX =>
+                                {
+                                    batch.changes.extend(next.changes);
+                                    batch.next = next.next;
+                                    batch.head = next.head;
+                                    batch.trace_id = next.trace_id;
+                                    merged += 1;
+                                }
+                                Ok(other) => {
+                                    held = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        if merged > 1 {
+                            ctx.peers.update(&name, |p| p.batches_received += merged - 1);
+                        }
                         let ack = apply(&ctx, peer, &name, batch).await?;
                         if ack > expected {
                             expected = ack;
@@ -404,12 +462,23 @@ where
                         released
                     };
                     window.add_permits(released);
-                    let head = ctx.store
-                        .call(move |s| {
-                            s.record_ack(peer, applied_through)?;
-                            s.log_head()
-                        })
-                        .await?;
+                    // Storing the ack is a write transaction (a commit and its WAL flush) and
+                    // only lets compaction drop entries sooner, so while batches are in flight
+                    // it is stored at most every ACK_RECORD_INTERVAL; the last ack, when nothing
+                    // is in flight any more, always is. A stored ack that lags is only
+                    // conservative (compaction keeps more).
+                    let idle = in_flight.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+                    let head = if idle || last_ack_record.elapsed() >= ACK_RECORD_INTERVAL {
+                        last_ack_record = std::time::Instant::now();
+                        ctx.store
+                            .call(move |s| {
+                                s.record_ack(peer, applied_through)?;
+                                s.log_head()
+                            })
+                            .await?
+                    } else {
+                        *ctx.head.borrow()
+                    };
                     let backlog = head.0.saturating_sub(applied_through.0);
                     ctx.peers.update(&name, |p| p.backlog_out = backlog);
                     ctx.metrics.backlog.get_or_create(&ctx.metrics.peer(&name)).set(backlog as i64);
@@ -438,6 +507,7 @@ where
     }
     .await;
     sender.abort();
+    reader_task.abort();
     ctx.links
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -724,6 +794,9 @@ async fn send_log(
     let mut last_check = std::time::Instant::now();
     let mut trace_id: u64 =
         u64::from_le_bytes(ctx.node_id.to_bytes()[..8].try_into().expect("8 bytes"));
+    // Where the next batch starts: `cursor` (what has been read) or earlier, when pages holding
+    // only the peer's own changes were skipped since the last batch.
+    let mut unsent_from = cursor;
     loop {
         window.acquire().await.expect("never closed").forget();
         // Marked before reading, so a commit landing after the read still wakes us.
@@ -732,6 +805,26 @@ async fn send_log(
             .store
             .call(move |s| s.read_log(cursor, batch_max))
             .await?;
+        if page.entries.is_empty() && unsent_from < cursor {
+            // caught up after skipping pages of the peer's own changes: move its cursor now
+            // (with the permit taken above)
+            trace_id = trace_id.wrapping_add(1);
+            let batch = Batch {
+                kind: BatchKind::Log,
+                after: unsent_from,
+                next: cursor,
+                head: page.head,
+                trace_id,
+                changes: Vec::new(),
+            };
+            sent(cursor);
+            if out.send(Message::Batch(batch)).await.is_err() {
+                return Ok(());
+            }
+            unsent_from = cursor;
+            ctx.peers.update(&name, |p| p.batches_sent += 1);
+            continue;
+        }
         if page.entries.is_empty() {
             window.add_permits(1);
             tokio::select! {
@@ -752,17 +845,26 @@ async fn send_log(
             continue;
         }
         // The peer's own changes need not travel back to it.
-        let changes = page
+        let changes: Vec<_> = page
             .entries
             .into_iter()
             .map(|e| e.change)
             .filter(|c| c.origin() != peer)
             .collect();
+        if changes.is_empty() && page.next < page.head {
+            // A page of the peer's own changes (what it sent us, in our log since we applied
+            // it) with more log after it: read on instead of sending a batch that only moves
+            // the cursor. Each such batch costs the peer a write transaction; the next batch
+            // sent starts at `unsent_from`, so it also covers this page.
+            window.add_permits(1);
+            cursor = page.next;
+            continue;
+        }
         trace_id = trace_id.wrapping_add(1);
         tracing::debug!(peer = %name, trace_id, next = page.next.0, "send_batch");
         let batch = Batch {
             kind: BatchKind::Log,
-            after: cursor,
+            after: unsent_from,
             next: page.next,
             head: page.head,
             trace_id,
@@ -773,6 +875,7 @@ async fn send_log(
             return Ok(());
         }
         cursor = page.next;
+        unsent_from = cursor;
         ctx.peers.update(&name, |p| p.batches_sent += 1);
     }
 }

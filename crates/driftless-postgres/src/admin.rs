@@ -192,11 +192,13 @@ impl<C: Clock> Store for PostgresStore<C> {
 
     fn capture(&mut self, limit: usize) -> Result<CaptureReport, StoreError> {
         let limit = limit.clamp(1, driftless_store::CAPTURE_BATCH_ROWS_MAX);
-        self.write_tx(|store| {
+        let report = self.write_tx(|store| {
             let mut report = CaptureReport::default();
             report.records = store.capture_in_tx(limit, &mut report)?;
             Ok(report)
-        })
+        })?;
+        self.vacuum_pending_if_due(report.records < limit);
+        Ok(report)
     }
 
     fn pending_local_writes(&mut self) -> Result<u64, StoreError> {

@@ -113,6 +113,65 @@ pub(crate) fn key_arrays(
     (arrays, included, refused)
 }
 
+/// Row states to write, column by column (for the array parameters of `flush_sql`).
+#[derive(Default)]
+struct StateArrays {
+    tables: Vec<String>,
+    pks: Vec<Vec<u8>>,
+    states: Vec<Vec<u8>>,
+    buckets: Vec<i64>,
+    hashes: Vec<i64>,
+}
+
+/// The one statement a transaction's flush runs (per [`BULK_ROWS_MAX`] rows of each kind):
+/// new states ($1-$5), replaced states ($6-$9), fingerprint deltas ($10-$12), log entries
+/// ($13-$15) and the HLC to persist ($16, NULL: unchanged). Parts with empty arrays do nothing.
+///
+/// Log entries take a contiguous range of sequence numbers reserved with one `setval`:
+/// driftless's write transactions are serialized (advisory lock), so nobody else draws from
+/// the sequence meanwhile and log entries commit in sequence order. The range is only taken
+/// when there are entries (the `WHERE` gates the `setval`), and `WITH ORDINALITY` keeps the
+/// entries in append order.
+fn flush_sql(ds: &str) -> String {
+    let seq = quote_literal(&format!("{ds}.log_seq"));
+    format!(
+        "WITH new_states AS (\
+           INSERT INTO {ds}.row_states (tbl, pk, state, bucket, h) SELECT * FROM unnest(\
+           $1::pg_catalog.text[], $2::pg_catalog.bytea[], $3::pg_catalog.bytea[], \
+           $4::pg_catalog.int8[], $5::pg_catalog.int8[])), \
+         old_states AS (\
+           UPDATE {ds}.row_states AS s SET state = u.state, h = u.h FROM unnest(\
+           $6::pg_catalog.text[], $7::pg_catalog.bytea[], $8::pg_catalog.bytea[], \
+           $9::pg_catalog.int8[]) AS u(tbl, pk, state, h) \
+           WHERE s.tbl = u.tbl AND s.pk = u.pk), \
+         deltas AS (\
+           SELECT * FROM unnest($10::pg_catalog.text[], $11::pg_catalog.int8[], \
+           $12::pg_catalog.int8[]) AS d(tbl, bucket, fp)), \
+         fp_updated AS (\
+           UPDATE {ds}.fingerprints AS f SET fp = f.fp # d.fp FROM deltas AS d \
+           WHERE f.tbl = d.tbl AND f.bucket = d.bucket RETURNING f.tbl, f.bucket), \
+         fp_inserted AS (\
+           INSERT INTO {ds}.fingerprints (tbl, bucket, fp) SELECT d.tbl, d.bucket, d.fp \
+           FROM deltas AS d WHERE NOT EXISTS (SELECT 1 FROM fp_updated AS x \
+           WHERE x.tbl = d.tbl AND x.bucket = d.bucket)), \
+         log_range AS (\
+           SELECT pg_catalog.setval({seq}, pg_catalog.nextval({seq}) \
+           + pg_catalog.cardinality($13::pg_catalog.text[]) - 1) AS last \
+           WHERE pg_catalog.cardinality($13::pg_catalog.text[]) > 0), \
+         log_entries AS (\
+           INSERT INTO {ds}.log (seq, tbl, pk, change) \
+           SELECT r.last - pg_catalog.cardinality($13::pg_catalog.text[]) + u.n, \
+           u.tbl, u.pk, u.change FROM log_range AS r, unnest($13::pg_catalog.text[], \
+           $14::pg_catalog.bytea[], $15::pg_catalog.bytea[]) WITH ORDINALITY \
+           AS u(tbl, pk, change, n)), \
+         clock AS (\
+           INSERT INTO {ds}.meta (key, ival) SELECT 'hlc', $16::pg_catalog.int8 \
+           WHERE $16::pg_catalog.int8 IS NOT NULL \
+           ON CONFLICT (key) DO UPDATE SET ival = EXCLUDED.ival) \
+         SELECT 1"
+    )
+}
+
 impl<C: Clock> PostgresStore<C> {
     /// Loads the merge states of `keys` not yet in the transaction's cache, in one query per
     /// [`BULK_ROWS_MAX`] keys.
@@ -208,13 +267,18 @@ impl<C: Clock> PostgresStore<C> {
 
     /// Writes the transaction's changed states (keeping bucket fingerprints in step: a bucket's
     /// fingerprint is the XOR of its item hashes, so replacing a hash is one XOR), its log
-    /// entries and the HLC, each with one multi-row statement per [`BULK_ROWS_MAX`] rows.
+    /// entries and the HLC: one statement (`FLUSH_SQL`) per [`BULK_ROWS_MAX`] rows of each kind,
+    /// so a batch costs one round trip here, not five.
+    ///
+    /// States never seen before (no hash when loaded) are plain inserts and the others plain
+    /// updates, not `INSERT ... ON CONFLICT`: every state is loaded before it is replaced
+    /// (the fingerprint delta needs its old hash anyway), and driftless's writers are
+    /// serialized, so which rows exist is known; a speculative insert costs about a quarter
+    /// more than a plain one. Fingerprint rows are updated where they exist and inserted
+    /// where the update found none, in the same statement.
     pub(crate) fn flush(&mut self) -> Result<(), Error> {
-        let mut tables = Vec::new();
-        let mut pks = Vec::new();
-        let mut states = Vec::new();
-        let mut buckets = Vec::new();
-        let mut hashes = Vec::new();
+        let mut new_rows = StateArrays::default();
+        let mut old_rows = StateArrays::default();
         let mut deltas: HashMap<(String, i64), i64> = HashMap::new();
         for ((table, key), cached) in self.tx.states.iter_mut().filter(|(_, c)| c.dirty) {
             let bytes = encode_row_state(&cached.state);
@@ -223,104 +287,74 @@ impl<C: Clock> PostgresStore<C> {
             *deltas
                 .entry((table.as_str().to_owned(), bucket))
                 .or_insert(0) ^= hash ^ cached.old_hash.unwrap_or(0);
+            let rows = if cached.old_hash.is_some() {
+                &mut old_rows
+            } else {
+                &mut new_rows
+            };
             cached.old_hash = Some(hash);
             cached.dirty = false;
-            tables.push(table.as_str().to_owned());
-            pks.push(key.as_bytes().to_vec());
-            states.push(bytes);
-            buckets.push(bucket);
-            hashes.push(hash);
+            rows.tables.push(table.as_str().to_owned());
+            rows.pks.push(key.as_bytes().to_vec());
+            rows.states.push(bytes);
+            rows.buckets.push(bucket);
+            rows.hashes.push(hash);
         }
-        if !tables.is_empty() {
-            let sql = format!(
-                "INSERT INTO {}.row_states (tbl, pk, state, bucket, h) SELECT * FROM unnest(\
-                 $1::pg_catalog.text[], $2::pg_catalog.bytea[], $3::pg_catalog.bytea[], \
-                 $4::pg_catalog.int8[], $5::pg_catalog.int8[]) \
-                 ON CONFLICT (tbl, pk) DO UPDATE SET state = EXCLUDED.state, h = EXCLUDED.h",
-                self.ds
-            );
-            let stmt = self.stmt(&sql)?;
-            for start in (0..tables.len()).step_by(BULK_ROWS_MAX) {
-                let end = (start + BULK_ROWS_MAX).min(tables.len());
-                self.client.execute(
-                    &stmt,
-                    &[
-                        &&tables[start..end],
-                        &&pks[start..end],
-                        &&states[start..end],
-                        &&buckets[start..end],
-                        &&hashes[start..end],
-                    ],
-                )?;
-            }
-            let (fp_tables, (fp_buckets, fp_deltas)): (Vec<String>, (Vec<i64>, Vec<i64>)) = deltas
-                .into_iter()
-                .filter(|(_, d)| *d != 0)
-                .map(|((t, b), d)| (t, (b, d)))
-                .unzip();
-            if !fp_tables.is_empty() {
-                let sql = format!(
-                    "INSERT INTO {ds}.fingerprints AS f (tbl, bucket, fp) SELECT * FROM unnest(\
-                     $1::pg_catalog.text[], $2::pg_catalog.int8[], $3::pg_catalog.int8[]) \
-                     ON CONFLICT (tbl, bucket) DO UPDATE SET fp = f.fp # EXCLUDED.fp",
-                    ds = self.ds
-                );
-                let stmt = self.stmt(&sql)?;
-                for start in (0..fp_tables.len()).step_by(BULK_ROWS_MAX) {
-                    let end = (start + BULK_ROWS_MAX).min(fp_tables.len());
-                    self.client.execute(
-                        &stmt,
-                        &[
-                            &&fp_tables[start..end],
-                            &&fp_buckets[start..end],
-                            &&fp_deltas[start..end],
-                        ],
-                    )?;
-                }
-            }
-        }
+        let (fp_tables, (fp_buckets, fp_deltas)): (Vec<String>, (Vec<i64>, Vec<i64>)) = deltas
+            .into_iter()
+            .filter(|(_, d)| *d != 0)
+            .map(|((t, b), d)| (t, (b, d)))
+            .unzip();
         let log = std::mem::take(&mut self.tx.log);
-        if !log.is_empty() {
-            // Reserve a contiguous range of sequence numbers: driftless's write transactions
-            // are serialized (advisory lock), so nobody else draws from the sequence meanwhile
-            // and log entries commit in sequence order.
-            let seq_name = quote_literal(&format!("{}.log_seq", self.ds));
-            let sql = format!(
-                "SELECT pg_catalog.setval({seq_name}, pg_catalog.nextval({seq_name}) + $1 - 1)"
-            );
-            let stmt = self.stmt(&sql)?;
-            let n = log.len() as i64;
-            let last: i64 = self.client.query_one(&stmt, &[&n])?.get(0);
-            let first = last - n + 1;
-            let sql = format!(
-                "INSERT INTO {}.log (seq, tbl, pk, change) SELECT * FROM unnest(\
-                 $1::pg_catalog.int8[], $2::pg_catalog.text[], $3::pg_catalog.bytea[], \
-                 $4::pg_catalog.bytea[])",
-                self.ds
-            );
-            let stmt = self.stmt(&sql)?;
-            for start in (0..log.len()).step_by(BULK_ROWS_MAX) {
-                let end = (start + BULK_ROWS_MAX).min(log.len());
-                let seqs: Vec<i64> = (start..end).map(|i| first + i as i64).collect();
-                let tables: Vec<&str> =
-                    log[start..end].iter().map(|(t, _, _)| t.as_str()).collect();
-                let pks: Vec<&[u8]> = log[start..end]
-                    .iter()
-                    .map(|(_, k, _)| k.as_bytes())
-                    .collect();
-                let changes: Vec<&[u8]> = log[start..end]
-                    .iter()
-                    .map(|(_, _, c)| c.as_slice())
-                    .collect();
-                self.client
-                    .execute(&stmt, &[&seqs, &tables, &pks, &changes])?;
-            }
-        }
+        let log_tables: Vec<&str> = log.iter().map(|(t, _, _)| t.as_str()).collect();
+        let log_pks: Vec<&[u8]> = log.iter().map(|(_, k, _)| k.as_bytes()).collect();
+        let log_changes: Vec<&[u8]> = log.iter().map(|(_, _, c)| c.as_slice()).collect();
         let hlc = self.hlc.last().as_u64();
-        if hlc != self.hlc_saved {
-            self.meta.set_i64(&mut self.client, "hlc", hlc as i64)?;
-            self.hlc_saved = hlc;
+        let mut hlc_param = (hlc != self.hlc_saved).then_some(hlc as i64);
+        let longest = [
+            new_rows.tables.len(),
+            old_rows.tables.len(),
+            fp_tables.len(),
+            log.len(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        if longest == 0 && hlc_param.is_none() {
+            return Ok(());
         }
+        let sql = flush_sql(&self.ds);
+        let stmt = self.stmt(&sql)?;
+        // the `i`-th chunk of a column (empty once the column is exhausted)
+        fn part<T>(all: &[T], i: usize) -> &[T] {
+            let start = (i * BULK_ROWS_MAX).min(all.len());
+            &all[start..((i + 1) * BULK_ROWS_MAX).min(all.len())]
+        }
+        let chunks = longest.div_ceil(BULK_ROWS_MAX).max(1);
+        for i in 0..chunks {
+            self.client.execute(
+                &stmt,
+                &[
+                    &part(&new_rows.tables, i),
+                    &part(&new_rows.pks, i),
+                    &part(&new_rows.states, i),
+                    &part(&new_rows.buckets, i),
+                    &part(&new_rows.hashes, i),
+                    &part(&old_rows.tables, i),
+                    &part(&old_rows.pks, i),
+                    &part(&old_rows.states, i),
+                    &part(&old_rows.hashes, i),
+                    &part(&fp_tables, i),
+                    &part(&fp_buckets, i),
+                    &part(&fp_deltas, i),
+                    &part(&log_tables, i),
+                    &part(&log_pks, i),
+                    &part(&log_changes, i),
+                    &hlc_param.take(),
+                ],
+            )?;
+        }
+        self.hlc_saved = hlc;
         Ok(())
     }
 

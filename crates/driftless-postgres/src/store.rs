@@ -193,6 +193,9 @@ pub struct PostgresStore<C: Clock = SystemClock> {
     pub(crate) hlc_saved: u64,
     /// Transactions retried because of a conflict with a concurrent client (for tests/metrics).
     pub(crate) tx_retries: u64,
+    /// Pending records deleted by stamping since `pending` was last vacuumed (see
+    /// `capture::PENDING_VACUUM_AFTER`).
+    pub(crate) pending_removed: u64,
     /// False while installing (driftless's tables may not exist yet).
     pub(crate) installed: bool,
     /// While installing: the synced tables that exist, locked against writers before the
@@ -312,6 +315,7 @@ impl<C: Clock> PostgresStore<C> {
             tx: TxState::default(),
             hlc_saved: 0,
             tx_retries: 0,
+            pending_removed: 0,
             installed: false,
             install_locks: Vec::new(),
         };
@@ -587,12 +591,21 @@ impl<C: Clock> PostgresStore<C> {
     /// triggers): any DDL on them changes it. Checked at the start of every write transaction,
     /// like the SQLite adapter's `PRAGMA schema_version`.
     fn read_catalog_signature(&mut self) -> Result<String, Error> {
+        Ok(self.read_catalog_signature_and_dead_letters()?.0)
+    }
+
+    /// The catalog signature, with whether any dead letter holds a change (so a batch knows
+    /// whether to retry the dead letters of the rows it writes): one round trip, paid by
+    /// every write transaction.
+    fn read_catalog_signature_and_dead_letters(&mut self) -> Result<(String, bool), Error> {
         let names: Vec<String> = self
             .configs
             .iter()
             .map(|c| c.name.as_str().to_owned())
             .collect();
-        let sql = "SELECT coalesce(pg_catalog.string_agg(x, ';' ORDER BY x), '') FROM (
+        let sql = format!(
+            "SELECT coalesce(pg_catalog.string_agg(x, ';' ORDER BY x), ''),
+              EXISTS (SELECT 1 FROM {ds}.dead_letters WHERE change IS NOT NULL) FROM (
               SELECT c.oid::pg_catalog.text || ':' || c.xmin::pg_catalog.text || ':' ||
                 coalesce((SELECT pg_catalog.string_agg(a.attnum::pg_catalog.text || '.' || a.xmin::pg_catalog.text, ',' ORDER BY a.attnum)
                           FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0), '') || ':' ||
@@ -601,12 +614,14 @@ impl<C: Clock> PostgresStore<C> {
                 coalesce((SELECT pg_catalog.string_agg(t.tgname::pg_catalog.text || '.' || t.tgenabled::pg_catalog.text || '.' || t.xmin::pg_catalog.text, ',' ORDER BY t.tgname)
                           FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal), '') AS x
               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $1 AND c.relname = ANY($2)) AS s";
-        let stmt = self.stmt(sql)?;
-        Ok(self
+              WHERE n.nspname = $1 AND c.relname = ANY($2)) AS s",
+            ds = self.ds
+        );
+        let stmt = self.stmt(&sql)?;
+        let row = self
             .client
-            .query_one(&stmt, &[&self.table_schema, &names])?
-            .get(0))
+            .query_one(&stmt, &[&self.table_schema, &names])?;
+        Ok((row.get(0), row.get(1)))
     }
 
     /// A prepared statement for `sql`, prepared once per connection (and per schema: DDL on the
@@ -705,15 +720,10 @@ impl<C: Clock> PostgresStore<C> {
                 self.flush()?;
                 return Ok(value);
             }
-            self.dead_letters_present = {
-                let sql = format!(
-                    "SELECT EXISTS (SELECT 1 FROM {}.dead_letters WHERE change IS NOT NULL)",
-                    self.ds
-                );
-                let stmt = self.stmt(&sql)?;
-                self.client.query_one(&stmt, &[])?.get(0)
-            };
-            if self.read_catalog_signature()? != self.catalog_signature {
+            let (signature, dead_letters_present) =
+                self.read_catalog_signature_and_dead_letters()?;
+            self.dead_letters_present = dead_letters_present;
+            if signature != self.catalog_signature {
                 self.refresh_schemas_in_tx(false)?;
             }
             let value = body(self)?;

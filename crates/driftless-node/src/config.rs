@@ -190,7 +190,7 @@ pub struct SyncSection {
 impl Default for SyncSection {
     fn default() -> Self {
         SyncSection {
-            batch_changes_max: 1_000,
+            batch_changes_max: 5_000,
             window_batches: 4,
             poll_interval_ms: 1,
             reconnect_min_ms: 100,
@@ -560,7 +560,7 @@ insecure = true                    # or: ca = "tls/ca.pem", and cert/key for mut
 addr = "127.0.0.1:9101"            # /healthz, /readyz, /status
 
 # [sync]                           # tuning; defaults shown
-# batch_changes_max = 1000
+# batch_changes_max = 5000
 # window_batches = 4
 # poll_interval_ms = 1
 # reconnect_min_ms = 100

@@ -221,27 +221,71 @@ pub struct ReconcileProgress {
     pub total: u64,
 }
 
-/// Publishes progress for the admin API; cleared when the run ends (also on error).
+/// Publishes progress for the admin API; cleared when the run ends (also on error). Shared by
+/// the two halves of the local check, which run at the same time.
 pub(crate) struct ProgressGuard<'a> {
     ctx: &'a Context,
-    progress: ReconcileProgress,
+    progress: Mutex<ReconcileProgress>,
+    /// Rows checked here and on the peer in the current local check, and this side's row count.
+    checked_here: AtomicU64,
+    checked_there: AtomicU64,
+    rows_here: AtomicU64,
 }
 
-impl ProgressGuard<'_> {
-    fn set(&mut self, phase: &str, done: u64, total: u64) {
-        self.progress.phase.clear();
-        self.progress.phase.push_str(phase);
-        self.progress.done = done;
-        self.progress.total = total;
-        self.publish();
+impl<'a> ProgressGuard<'a> {
+    fn new(ctx: &'a Context, peer: &str, tables_total: usize) -> Self {
+        ProgressGuard {
+            ctx,
+            progress: Mutex::new(ReconcileProgress {
+                peer: peer.to_owned(),
+                tables_total: tables_total as u64,
+                ..ReconcileProgress::default()
+            }),
+            checked_here: AtomicU64::new(0),
+            checked_there: AtomicU64::new(0),
+            rows_here: AtomicU64::new(0),
+        }
     }
 
-    fn publish(&self) {
+    fn start_table(&self, table: &TableName) {
+        self.checked_here.store(0, Ordering::Relaxed);
+        self.checked_there.store(0, Ordering::Relaxed);
+        self.rows_here.store(0, Ordering::Relaxed);
+        self.update(|p| {
+            p.table = table.to_string();
+        });
+    }
+
+    fn finish_table(&self) {
+        self.update(|p| p.tables_done += 1);
+    }
+
+    fn set(&self, phase: &str, done: u64, total: u64) {
+        self.update(|p| {
+            p.phase.clear();
+            p.phase.push_str(phase);
+            p.done = done;
+            p.total = total;
+        });
+    }
+
+    /// Both sides' local check as one bar; the peer's row count is not known, so its share is
+    /// estimated as equal to ours (replicas of one table) until it turns out larger.
+    fn local_check(&self) {
+        let done =
+            self.checked_here.load(Ordering::Relaxed) + self.checked_there.load(Ordering::Relaxed);
+        let total = (2 * self.rows_here.load(Ordering::Relaxed)).max(done);
+        self.set("local check, both sides", done, total);
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ReconcileProgress)) {
+        let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut progress);
         *self
             .ctx
             .reconcile_progress
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(self.progress.clone());
+            .unwrap_or_else(|p| p.into_inner()) = Some(progress.clone());
     }
 }
 
@@ -286,29 +330,31 @@ pub async fn reconcile(
         local_check: options.local_check,
         ..ReconcileReport::default()
     };
-    let mut progress = ProgressGuard {
-        ctx,
-        progress: ReconcileProgress {
-            peer: peer.to_owned(),
-            tables_total: tables.len() as u64,
-            ..ReconcileProgress::default()
-        },
-    };
+    let progress = ProgressGuard::new(ctx, peer, tables.len());
     for table in tables {
-        progress.progress.table = table.to_string();
+        progress.start_table(&table);
         let mut table_report = TableReport {
             table: table.to_string(),
             ..TableReport::default()
         };
         if options.local_check {
+            // both replicas at once: each reads its own table, in its own process
             let check_started = Instant::now();
-            verify_locally(ctx, &table, repair, &mut table_report, Some(&mut progress)).await?;
+            let mut there = TableReport::default();
             let mut exchange = Exchange {
                 link: &link,
                 table: table.clone(),
                 report: &mut report,
             };
-            verify_on_peer(&mut exchange, repair, &mut table_report, &mut progress).await?;
+            let (here, peer_side) = tokio::join!(
+                verify_locally(ctx, &table, repair, &mut table_report, Some(&progress)),
+                verify_on_peer(&mut exchange, repair, &mut there, &progress),
+            );
+            here?;
+            peer_side?;
+            table_report.peer_checked_rows = there.peer_checked_rows;
+            table_report.peer_restored = there.peer_restored;
+            table_report.peer_adopted = there.peer_adopted;
             report.local_check_millis += check_started.elapsed().as_millis() as u64;
         }
         for pass in 0..PASSES_MAX {
@@ -323,7 +369,7 @@ pub async fn reconcile(
                 &mut table_report,
                 repair,
                 pass == 0,
-                &mut progress,
+                &progress,
             )
             .await?;
             if !repair || !found {
@@ -342,7 +388,7 @@ pub async fn reconcile(
         // only this node's own drift counts here; the peer counts its own when it serves the check
         count_drift(ctx, &table, &table_report);
         report.tables.push(table_report);
-        progress.progress.tables_done += 1;
+        progress.finish_table();
     }
     drop(progress);
     ctx.metrics
@@ -387,17 +433,17 @@ pub(crate) async fn verify_locally(
     table: &TableName,
     repair: bool,
     report: &mut TableReport,
-    mut progress: Option<&mut ProgressGuard<'_>>,
+    progress: Option<&ProgressGuard<'_>>,
 ) -> Result<(), ReconcileError> {
-    let total = if progress.is_some() {
+    if let Some(progress) = progress {
         let stats = ctx.store.call(|s| s.table_stats()).await?;
-        stats
+        let rows = stats
             .iter()
             .find(|t| &t.table == table)
-            .map_or(0, |t| t.rows)
-    } else {
-        0
-    };
+            .map_or(0, |t| t.rows);
+        progress.rows_here.store(rows, Ordering::Relaxed);
+        progress.local_check();
+    }
     let mut after: Option<PrimaryKey> = None;
     loop {
         let t = table.clone();
@@ -413,12 +459,11 @@ pub(crate) async fn verify_locally(
             tracing::warn!(%table, restored = chunk.restored, adopted = chunk.adopted, repaired = repair,
                 "table content differs from driftless's merge state (written behind its back)");
         }
-        if let Some(progress) = progress.as_mut() {
-            progress.set(
-                "local check",
-                report.local_checked_rows,
-                total.max(report.local_checked_rows),
-            );
+        if let Some(progress) = progress {
+            progress
+                .checked_here
+                .store(report.local_checked_rows, Ordering::Relaxed);
+            progress.local_check();
         }
         match chunk.next {
             Some(next) => after = Some(next),
@@ -432,7 +477,7 @@ async fn verify_on_peer(
     exchange: &mut Exchange<'_>,
     repair: bool,
     report: &mut TableReport,
-    progress: &mut ProgressGuard<'_>,
+    progress: &ProgressGuard<'_>,
 ) -> Result<(), ReconcileError> {
     let mut after: Option<PrimaryKey> = None;
     loop {
@@ -453,7 +498,10 @@ async fn verify_on_peer(
         report.peer_checked_rows += checked;
         report.peer_restored += restored;
         report.peer_adopted += adopted;
-        progress.set("local check on peer", report.peer_checked_rows, 0);
+        progress
+            .checked_there
+            .store(report.peer_checked_rows, Ordering::Relaxed);
+        progress.local_check();
         match next {
             // a peer that answers with the key it was given would loop forever
             Some(next) if checked > 0 => after = Some(next),
@@ -470,7 +518,7 @@ async fn compare_and_repair(
     report: &mut TableReport,
     repair: bool,
     first_pass: bool,
-    progress: &mut ProgressGuard<'_>,
+    progress: &ProgressGuard<'_>,
 ) -> Result<bool, ReconcileError> {
     progress.set("fingerprints", 0, 0);
     let table = exchange.table.clone();

@@ -1,16 +1,22 @@
 //! One history, start to finish: set up the nodes, proxies and (maybe) the small disk; wait for
 //! the initial rows to reach everyone; run the workload while the plan's faults fire; heal
 //! everything; wait for quiescence (timed: "time to converge after heal"); stop the nodes; read
-//! every replica from its file and check it. A failing history keeps its directory (databases,
-//! logs, configs, the plan and the client history) under `keep_failures_in/<seed>/`.
+//! every replica from its file or database and check it. A failing history keeps its directory
+//! (databases, `pg_dump`s of its PostgreSQL databases, logs, configs, the plan and the client
+//! history) under `keep_failures_in/<seed>/`.
+//!
+//! PostgreSQL nodes (`HistoryOptions::postgres_nodes`, chosen by the seed) each get a database of
+//! their own, `chaos_<pid>_<seed>_n<node>`, created before the nodes start and dropped when the
+//! history ends, whether it passed, failed or the harness hit an error.
 
 use crate::checker::{Verdict, check};
 use crate::disk::SmallDisk;
-use crate::inspect::{Probe, probe, read_replica};
-use crate::node::{NodeLayout, NodeProcess};
+use crate::inspect::{Probe, probe, read_replica, row_counts};
+use crate::node::{NodeLayout, NodeProcess, StoreSpec};
+use crate::pg::{PgDatabases, database_name};
 use crate::plan::{Action, FaultKind, Noise, Plan};
 use crate::proxy::{Proxy, ProxyCounts};
-use crate::schema::{COUNTER_ROWS, HOT_ITEMS, SCHEMA_SQL, initial_rows_sql};
+use crate::schema::{COUNTER_ROWS, HOT_ITEMS, SCHEMA_SQL, SCHEMA_SQL_POSTGRES, initial_rows_sql};
 use crate::workload::{ClientOp, Outcome, run_writer};
 use driftless_core::NodeId;
 use driftless_node::node_id_from_name;
@@ -35,6 +41,9 @@ pub const NODE_METRICS: [&str; 3] = [
 pub struct HistoryOptions {
     pub seed: u64,
     pub nodes: usize,
+    /// How many of the nodes (chosen by the seed) keep their replica in PostgreSQL, on the
+    /// server named by `DRIFTLESS_PG_URL` (default: the local server, see [`crate::pg`]).
+    pub postgres_nodes: usize,
     /// How long faults and client writes go on.
     pub duration: Duration,
     /// The `driftless` binary.
@@ -60,6 +69,9 @@ pub struct HistoryOptions {
 pub struct HistoryResult {
     pub seed: u64,
     pub topology: String,
+    pub nodes: usize,
+    /// The nodes whose replica was a PostgreSQL database.
+    pub postgres_nodes: Vec<usize>,
     pub faults: BTreeMap<FaultKind, u64>,
     /// Faults the plan wanted but that could not be injected, with the reason.
     pub skipped: Vec<String>,
@@ -163,6 +175,8 @@ struct Cluster {
     nodes: Vec<NodeProcess>,
     proxies: Vec<Proxy>,
     small_disk: Option<SmallDisk>,
+    /// The PostgreSQL admin connection string, when some node is a PostgreSQL one.
+    pg_admin: Option<String>,
     /// Nodes deliberately down (killed, waiting for their restart).
     down: Vec<bool>,
     disk_full: bool,
@@ -233,7 +247,9 @@ impl Cluster {
                     self.log_len_at_fill = self.nodes[n].log_text().len();
                     // An application checkpoints the WAL back to zero bytes first, so the next
                     // writes need new space (a WAL that already has room would absorb them).
-                    if let Ok(conn) = rusqlite::Connection::open(&self.nodes[n].db) {
+                    if let Some(db) = self.nodes[n].store.sqlite_path()
+                        && let Ok(conn) = rusqlite::Connection::open(db)
+                    {
                         let _ = conn.busy_timeout(Duration::from_millis(500));
                         let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
                     }
@@ -263,6 +279,18 @@ impl Cluster {
                     disk.free().is_ok()
                 }
                 None => false,
+            },
+            Action::TerminateBackends(n) => match (&self.pg_admin, &self.nodes[n].store) {
+                (Some(admin), StoreSpec::Postgres { database, .. }) => {
+                    match crate::pg::terminate_backends(admin, database) {
+                        Ok(terminated) => terminated > 0,
+                        Err(e) => {
+                            self.skipped.push(format!("{action:?}: {e}"));
+                            false
+                        }
+                    }
+                }
+                _ => false,
             },
         };
         if let Some(kind) = starts {
@@ -297,7 +325,7 @@ impl Cluster {
     fn probes(&self) -> Result<Vec<Probe>, String> {
         self.nodes
             .iter()
-            .map(|n| probe(&n.db).map_err(|e| format!("{}: {e}", n.name)))
+            .map(|n| probe(&n.store).map_err(|e| format!("{}: {e}", n.name)))
             .collect()
     }
 
@@ -389,15 +417,18 @@ fn write_ops(path: &Path, ops: &[ClientOp]) -> std::io::Result<()> {
 
 /// Runs one history. Never panics on a driftless failure: everything found is in the result.
 pub fn run_history(options: &HistoryOptions) -> HistoryResult {
-    let plan = Plan::generate(
+    let plan = Plan::generate_with_postgres(
         options.seed,
         options.nodes,
         options.duration.as_millis() as u64,
         options.faults,
+        options.postgres_nodes,
     );
     let mut result = HistoryResult {
         seed: options.seed,
         topology: format!("{:?}", plan.topology),
+        nodes: plan.nodes,
+        postgres_nodes: (0..plan.nodes).filter(|n| plan.postgres[*n]).collect(),
         replay: options.replay.clone(),
         ..HistoryResult::default()
     };
@@ -465,8 +496,49 @@ fn run_in(
     result: &mut HistoryResult,
     ops_out: &mut Vec<ClientOp>,
 ) -> Result<(), String> {
-    let n = plan.nodes;
     let mut skipped = Vec::new();
+    // Owned here, outside the function that owns the nodes: by the time the databases are
+    // dumped (failures) and dropped (always, by `Drop`), every node process has been stopped,
+    // on every way out, errors included.
+    let mut databases = if plan.postgres.contains(&true) {
+        Some(PgDatabases::new(&crate::pg::admin_url())?)
+    } else {
+        None
+    };
+    let outcome = run_with_databases(
+        plan,
+        options,
+        dir,
+        runtime,
+        result,
+        ops_out,
+        &mut databases,
+        &mut skipped,
+    );
+    // Notes taken before the cluster existed (the cluster takes them over otherwise).
+    result.skipped.append(&mut skipped);
+    if let Some(dbs) = &databases
+        && (outcome.is_err() || result.failed() || options.keep_always)
+    {
+        for problem in dbs.dump_into(dir) {
+            result.skipped.push(problem);
+        }
+    }
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_with_databases(
+    plan: &Plan,
+    options: &HistoryOptions,
+    dir: &Path,
+    runtime: &tokio::runtime::Runtime,
+    result: &mut HistoryResult,
+    ops_out: &mut Vec<ClientOp>,
+    databases: &mut Option<PgDatabases>,
+    skipped: &mut Vec<String>,
+) -> Result<(), String> {
+    let n = plan.nodes;
     let small_disk = match plan.small_disk_node {
         Some(node) => match SmallDisk::mount(&dir.join(format!("n{node}-disk"))) {
             Ok(disk) => Some(disk),
@@ -497,21 +569,26 @@ fn run_in(
     let mut nodes = Vec::new();
     for i in 0..n {
         let name = node_name(i);
-        let db = match (&small_disk, plan.small_disk_node) {
-            (Some(disk), Some(node)) if node == i => disk.dir.join(format!("{name}.db")),
-            _ => dir.join(format!("{name}.db")),
+        let store = match databases.as_mut().filter(|_| plan.postgres[i]) {
+            Some(dbs) => create_postgres_replica(dbs, plan.seed, i, skipped)?,
+            None => {
+                let db = match (&small_disk, plan.small_disk_node) {
+                    (Some(disk), Some(node)) if node == i => disk.dir.join(format!("{name}.db")),
+                    _ => dir.join(format!("{name}.db")),
+                };
+                let conn = rusqlite::Connection::open(&db).map_err(|e| format!("{name}: {e}"))?;
+                conn.execute_batch(SCHEMA_SQL)
+                    .map_err(|e| format!("{name} schema: {e}"))?;
+                if i == 0 {
+                    conn.execute_batch(&initial_rows_sql())
+                        .map_err(|e| format!("initial rows: {e}"))?;
+                }
+                StoreSpec::Sqlite(db)
+            }
         };
-        let conn = rusqlite::Connection::open(&db).map_err(|e| format!("{name}: {e}"))?;
-        conn.execute_batch(SCHEMA_SQL)
-            .map_err(|e| format!("{name} schema: {e}"))?;
-        if i == 0 {
-            conn.execute_batch(&initial_rows_sql())
-                .map_err(|e| format!("initial rows: {e}"))?;
-        }
-        drop(conn);
         let layout = NodeLayout {
             name: name.clone(),
-            db,
+            store,
             listen: plan
                 .links
                 .iter()
@@ -538,10 +615,11 @@ fn run_in(
         nodes,
         proxies,
         small_disk,
+        pg_admin: databases.as_ref().map(|d| d.admin().to_owned()),
         down: vec![false; n],
         disk_full: false,
         unexpected_exits: Vec::new(),
-        skipped,
+        skipped: std::mem::take(skipped),
         faults: BTreeMap::new(),
         disk_full_logged: None,
         log_len_at_fill: 0,
@@ -574,7 +652,8 @@ fn run_in(
             .iter()
             .zip(&cluster.ids)
             .map(|(node, id)| {
-                read_replica(&node.db, *id).map_err(|e| format!("{}: {e}", node.name))
+                read_replica(&node.store, *id)
+                    .map_err(|e| format!("{} ({}): {e}", node.name, node.store.describe()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         result.verdict = check(&cluster.ids, &replicas, ops_out);
@@ -589,6 +668,33 @@ fn run_in(
         disk.unmount();
     }
     outcome
+}
+
+/// Creates node `node`'s PostgreSQL database with the chaos schema (and the initial rows on node
+/// 0), installs `amcheck` for the integrity check at the end when the server allows it.
+fn create_postgres_replica(
+    databases: &mut PgDatabases,
+    seed: u64,
+    node: usize,
+    notes: &mut Vec<String>,
+) -> Result<StoreSpec, String> {
+    let database = database_name(seed, node);
+    let url = databases.create(&database)?;
+    let mut client = crate::pg::connect(&url).map_err(|e| format!("connect to {database}: {e}"))?;
+    client
+        .batch_execute(SCHEMA_SQL_POSTGRES)
+        .map_err(|e| format!("{database} schema: {e}"))?;
+    if node == 0 {
+        client
+            .batch_execute(&initial_rows_sql())
+            .map_err(|e| format!("{database} initial rows: {e}"))?;
+    }
+    if let Err(e) = client.batch_execute("CREATE EXTENSION IF NOT EXISTS amcheck") {
+        notes.push(format!(
+            "integrity of PostgreSQL replicas not checked: CREATE EXTENSION amcheck: {e}"
+        ));
+    }
+    Ok(StoreSpec::Postgres { url, database })
 }
 
 /// Starts the nodes, runs the workload and the faults, heals and waits for quiet.
@@ -609,18 +715,10 @@ fn drive(
     let started = Instant::now();
     loop {
         cluster.wait_quiet(options.quiesce_timeout, "the initial sync")?;
-        let complete = cluster.nodes.iter().all(|node| {
-            let Ok(conn) = rusqlite::Connection::open(&node.db) else {
-                return false;
-            };
-            let count = |t: &str| {
-                conn.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .unwrap_or(-1)
-            };
-            count("items") == HOT_ITEMS && count("counters") == COUNTER_ROWS
-        });
+        let complete = cluster
+            .nodes
+            .iter()
+            .all(|node| row_counts(&node.store) == Ok((HOT_ITEMS as u64, COUNTER_ROWS as u64)));
         if complete {
             break;
         }
@@ -638,8 +736,8 @@ fn drive(
         .iter()
         .enumerate()
         .map(|(i, node)| {
-            let (db, seed, stop) = (node.db.clone(), seeds.next_u64(), stop.clone());
-            std::thread::spawn(move || run_writer(i, db, seed, stop, t0))
+            let (store, seed, stop) = (node.store.clone(), seeds.next_u64(), stop.clone());
+            std::thread::spawn(move || run_writer(i, store, seed, stop, t0))
         })
         .collect();
     let events = cluster.plan.events.clone();

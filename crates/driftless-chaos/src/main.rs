@@ -5,6 +5,8 @@
 //! ```text
 //! cargo build --release -p driftless
 //! cargo run --release -p driftless-chaos -- --histories 200 --seed 1 --nodes 3 --duration 6s
+//! # with PostgreSQL replicas on 2 of the 3 nodes (server: DRIFTLESS_PG_URL, default local)
+//! cargo run --release -p driftless-chaos -- --histories 40 --seed 1 --nodes 3 --postgres 2
 //! ```
 
 use clap::Parser;
@@ -24,6 +26,12 @@ struct Args {
     /// Nodes per history.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
+    /// How many nodes of each history (chosen by the seed) keep their replica in a PostgreSQL
+    /// database of their own instead of a SQLite file: 0 to --nodes. The server is
+    /// DRIFTLESS_PG_URL (a libpq connection string allowed to create databases), default
+    /// "host=127.0.0.1 port=5432 user=postgres dbname=test".
+    #[arg(long = "postgres", default_value_t = 0)]
+    postgres_nodes: usize,
     /// How long faults and client writes last in each history: "8s", "1500ms", "2m".
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     duration: Duration,
@@ -84,6 +92,19 @@ fn main() {
         );
         std::process::exit(2);
     }
+    if args.postgres_nodes > args.nodes {
+        eprintln!(
+            "--postgres {} is more than --nodes {}",
+            args.postgres_nodes, args.nodes
+        );
+        std::process::exit(2);
+    }
+    if args.postgres_nodes > 0
+        && let Err(e) = driftless_chaos::pg::reachable(&driftless_chaos::pg::admin_url())
+    {
+        eprintln!("{e}");
+        std::process::exit(2);
+    }
     let driftless = std::fs::canonicalize(&args.driftless).unwrap_or(args.driftless.clone());
     let mut summary = Summary::default();
     let started = Instant::now();
@@ -94,6 +115,9 @@ fn main() {
             args.nodes,
             args.duration.as_millis()
         );
+        if args.postgres_nodes > 0 {
+            replay.push_str(&format!(" --postgres {}", args.postgres_nodes));
+        }
         if args.driftless != std::path::Path::new("target/release/driftless") {
             replay.push_str(&format!(" --driftless {}", args.driftless.display()));
         }
@@ -103,6 +127,7 @@ fn main() {
         let options = HistoryOptions {
             seed,
             nodes: args.nodes,
+            postgres_nodes: args.postgres_nodes,
             duration: args.duration,
             driftless: driftless.clone(),
             node_env: args.node_env.clone(),
@@ -116,10 +141,15 @@ fn main() {
         let result = run_history(&options);
         let faults: u64 = result.faults.values().sum();
         println!(
-            "[{}/{}] seed {seed} {} faults={faults} ops_ok={} failed={} converge={} {} ({:.0?} elapsed)",
+            "[{}/{}] seed {seed} {}{} faults={faults} ops_ok={} failed={} converge={} {} ({:.0?} elapsed)",
             i + 1,
             args.histories,
             result.topology,
+            if result.postgres_nodes.is_empty() {
+                String::new()
+            } else {
+                format!(" postgres={:?}", result.postgres_nodes)
+            },
             result.ops_ok,
             result.ops_failed,
             result

@@ -1,4 +1,5 @@
-//! One `driftless run` process: its config file, database, stderr log and clock-skew file, and
+//! One `driftless run` process: its config file, replica (a SQLite file or a PostgreSQL
+//! database), stderr log and clock-skew file, and
 //! the signals the harness sends it (SIGKILL, SIGSTOP/SIGCONT, SIGTERM). Dropping a node kills
 //! its process, so a failing history leaves no stray processes.
 //!
@@ -20,11 +21,65 @@ use std::time::{Duration, Instant};
 const SYNC_TOML: &str = "[sync]\nbatch_changes_max = 50\nwindow_batches = 4\nheartbeat_ms = 500\n\
 reconnect_min_ms = 50\nreconnect_max_ms = 500\ncompact_interval_ms = 86400000\n";
 
+/// Where a node's replica lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database of its own: `url` is its libpq connection string.
+    Postgres { url: String, database: String },
+}
+
+impl StoreSpec {
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, StoreSpec::Postgres { .. })
+    }
+
+    /// The SQLite file, if this is one.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match self {
+            StoreSpec::Sqlite(path) => Some(path),
+            StoreSpec::Postgres { .. } => None,
+        }
+    }
+
+    /// For messages: the file, or `postgres:<database>`.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreSpec::Sqlite(path) => path.display().to_string(),
+            StoreSpec::Postgres { database, .. } => format!("postgres:{database}"),
+        }
+    }
+
+    /// The `[store]` section of the node's config.
+    fn toml(&self) -> String {
+        match self {
+            StoreSpec::Sqlite(path) => {
+                format!(
+                    "[store]\nkind = \"sqlite\"\npath = \"{}\"\n",
+                    toml_escape(&path.display().to_string())
+                )
+            }
+            StoreSpec::Postgres { url, .. } => {
+                format!(
+                    "[store]\nkind = \"postgres\"\nurl = \"{}\"\n",
+                    toml_escape(url)
+                )
+            }
+        }
+    }
+}
+
+/// A TOML basic string's content (a connection string may hold quotes or backslashes).
+fn toml_escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
 /// What a node's config needs besides its name.
 #[derive(Debug, Clone)]
 pub struct NodeLayout {
     pub name: String,
-    pub db: PathBuf,
+    pub store: StoreSpec,
     /// The node's own peer listener, if some link dials it.
     pub listen: Option<SocketAddr>,
     pub admin: SocketAddr,
@@ -37,8 +92,8 @@ pub fn config_text(layout: &NodeLayout) -> String {
     let name = &layout.name;
     let mut text = format!(
         "[node]\nname = \"{name}\"\ndata_dir = \"./{name}-data\"\nmax_clock_offset_ms = {MAX_CLOCK_OFFSET_MS}\n\n\
-         [store]\nkind = \"sqlite\"\npath = \"{}\"\n\n{TABLES_TOML}\n",
-        layout.db.display()
+         {}\n{TABLES_TOML}\n",
+        layout.store.toml()
     );
     if let Some(addr) = layout.listen {
         let _ = write!(text, "[listen]\naddr = \"{addr}\"\ninsecure = true\n\n");
@@ -58,7 +113,7 @@ pub fn config_text(layout: &NodeLayout) -> String {
 pub struct NodeProcess {
     pub name: String,
     pub config: PathBuf,
-    pub db: PathBuf,
+    pub store: StoreSpec,
     pub log: PathBuf,
     pub skew_file: PathBuf,
     pub admin: SocketAddr,
@@ -90,7 +145,7 @@ impl NodeProcess {
         Ok(NodeProcess {
             name: layout.name.clone(),
             config,
-            db: layout.db.clone(),
+            store: layout.store.clone(),
             log: dir.join(format!("{}.stderr.log", layout.name)),
             skew_file,
             admin: layout.admin,
@@ -245,5 +300,44 @@ impl NodeProcess {
         std::fs::read(&self.log)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use driftless_node::config::{Config, StoreLocation};
+
+    fn layout(store: StoreSpec) -> NodeLayout {
+        NodeLayout {
+            name: "n1".into(),
+            store,
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 20_001))),
+            admin: SocketAddr::from(([127, 0, 0, 1], 20_002)),
+            peers: vec![("n0".into(), SocketAddr::from(([127, 0, 0, 1], 20_003)))],
+        }
+    }
+
+    /// The node must accept the config the harness writes, and see the store it was meant to.
+    #[test]
+    fn configs_of_both_store_kinds_are_accepted_by_the_node() {
+        let url = "host=127.0.0.1 port=5432 user=postgres dbname=chaos_1_2_n1 password='a\"b\\c'";
+        let pg = config_text(&layout(StoreSpec::Postgres {
+            url: url.into(),
+            database: "chaos_1_2_n1".into(),
+        }));
+        let resolved = Config::parse(&pg, Path::new("/tmp/n1.toml")).expect("postgres config");
+        match resolved.store {
+            StoreLocation::Postgres { url: parsed, .. } => assert_eq!(parsed, url),
+            other => panic!("expected a PostgreSQL store, got {other:?}"),
+        }
+        let sqlite = config_text(&layout(StoreSpec::Sqlite("/tmp/n1.db".into())));
+        let resolved = Config::parse(&sqlite, Path::new("/tmp/n1.toml")).expect("sqlite config");
+        assert!(
+            matches!(&resolved.store, StoreLocation::Sqlite { path } if path == Path::new("/tmp/n1.db")),
+            "{:?}",
+            resolved.store
+        );
+        assert_eq!(resolved.tables.len(), 2);
     }
 }

@@ -1,6 +1,11 @@
 //! The plan of one history: topology, links and a timed schedule of faults, a pure function of
 //! the seed (no IO, no clock), so a failing history replays from its seed.
 //!
+//! Which nodes keep their replica in PostgreSQL (the rest in SQLite) is chosen from the seed too,
+//! by a generator of its own, so a plan without PostgreSQL nodes is the same as before they
+//! existed. A full disk applies to SQLite files only (the small disk goes to a SQLite node);
+//! PostgreSQL nodes get their own fault instead: their database connections terminated.
+//!
 //! Faults on one target never overlap: a node's process (kill, pause), a node's clock, a node's
 //! disk and each link have their own timelines. Everything is healed by the runner at the end of
 //! the schedule, whatever the plan left open.
@@ -65,12 +70,23 @@ pub enum Action {
     Restart(usize),
     Pause(usize),
     Resume(usize),
-    Skew { node: usize, ms: i64 },
-    Cut { link: usize, cut: Cut },
+    Skew {
+        node: usize,
+        ms: i64,
+    },
+    Cut {
+        link: usize,
+        cut: Cut,
+    },
     Mend(usize),
-    Noise { link: usize, noise: Noise },
+    Noise {
+        link: usize,
+        noise: Noise,
+    },
     FillDisk(usize),
     FreeDisk(usize),
+    /// `pg_terminate_backend` on the node's driftless connections (PostgreSQL nodes only).
+    TerminateBackends(usize),
 }
 
 /// An action at a moment of the schedule (ms after the workload starts).
@@ -100,10 +116,11 @@ pub enum FaultKind {
     ClockBeyondOffset,
     ClockJumpBack,
     DiskFull,
+    PgTerminate,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 15] = [
+    pub const ALL: [FaultKind; 16] = [
         FaultKind::Kill,
         FaultKind::KillDuringCatchUp,
         FaultKind::Pause,
@@ -119,6 +136,7 @@ impl FaultKind {
         FaultKind::ClockBeyondOffset,
         FaultKind::ClockJumpBack,
         FaultKind::DiskFull,
+        FaultKind::PgTerminate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -138,6 +156,7 @@ impl FaultKind {
             FaultKind::ClockBeyondOffset => "clock skew beyond max offset",
             FaultKind::ClockJumpBack => "clock jump backwards",
             FaultKind::DiskFull => "disk full",
+            FaultKind::PgTerminate => "postgres connections terminated",
         }
     }
 }
@@ -156,7 +175,10 @@ pub struct Plan {
     pub duration_ms: u64,
     pub topology: Topology,
     pub links: Vec<Link>,
-    /// The node whose database lives on a small tmpfs (disk-full faults), if any.
+    /// Whether node `i`'s replica is a PostgreSQL database (else a SQLite file).
+    pub postgres: Vec<bool>,
+    /// The node whose database lives on a small tmpfs (disk-full faults), if any: always a
+    /// SQLite node.
     pub small_disk_node: Option<usize>,
     pub workload_seed: u64,
     /// Sorted by time.
@@ -194,8 +216,10 @@ impl Timelines {
     }
 }
 
-/// Relative weights of the fault kinds (disk full only where a small disk exists).
-const WEIGHTS: [(FaultKind, u64); 14] = [
+/// Relative weights of the fault kinds (disk full only where a small disk exists, connection
+/// termination only where a PostgreSQL node exists; both last, so leaving them out changes no
+/// other roll).
+const WEIGHTS: [(FaultKind, u64); 15] = [
     (FaultKind::Kill, 14),
     (FaultKind::Pause, 8),
     (FaultKind::Partition, 9),
@@ -210,6 +234,7 @@ const WEIGHTS: [(FaultKind, u64); 14] = [
     (FaultKind::ClockBeyondOffset, 6),
     (FaultKind::ClockJumpBack, 4),
     (FaultKind::DiskFull, 10),
+    (FaultKind::PgTerminate, 8),
 ];
 
 struct Builder {
@@ -238,9 +263,30 @@ impl Builder {
 }
 
 impl Plan {
-    /// The plan for `seed` with `nodes` nodes (at least 2) and faults over `duration_ms`.
+    /// The plan for `seed` with `nodes` SQLite nodes (at least 2) and faults over `duration_ms`.
     pub fn generate(seed: u64, nodes: usize, duration_ms: u64, faults: bool) -> Plan {
+        Plan::generate_with_postgres(seed, nodes, duration_ms, faults, 0)
+    }
+
+    /// The plan for `seed` where `postgres_nodes` of the `nodes` nodes (chosen by the seed) keep
+    /// their replica in PostgreSQL.
+    pub fn generate_with_postgres(
+        seed: u64,
+        nodes: usize,
+        duration_ms: u64,
+        faults: bool,
+        postgres_nodes: usize,
+    ) -> Plan {
         assert!(nodes >= 2, "a history needs at least two nodes");
+        assert!(
+            postgres_nodes <= nodes,
+            "{postgres_nodes} PostgreSQL nodes asked for in a history of {nodes}"
+        );
+        let mut stores = Rng::new(seed ^ 0x7067_7265_706c);
+        let mut postgres = vec![false; nodes];
+        while postgres.iter().filter(|p| **p).count() < postgres_nodes {
+            postgres[stores.index(nodes)] = true;
+        }
         let duration_ms = duration_ms.max(DURATION_MS_MIN);
         let mut rng = Rng::new(seed);
         let topology = if nodes >= 3 && rng.percent(50) {
@@ -269,7 +315,11 @@ impl Plan {
                 }
             }
         }
-        let small_disk_node = rng.percent(40).then(|| rng.index(nodes));
+        // Drawn as before PostgreSQL nodes existed, then moved to the next SQLite node.
+        let small_disk_node = rng
+            .percent(40)
+            .then(|| rng.index(nodes))
+            .and_then(|n| (0..nodes).map(|d| (n + d) % nodes).find(|i| !postgres[*i]));
         let workload_seed = rng.next_u64();
         let mut plan = Plan {
             seed,
@@ -277,6 +327,7 @@ impl Plan {
             duration_ms,
             topology,
             links,
+            postgres,
             small_disk_node,
             workload_seed,
             events: Vec::new(),
@@ -298,6 +349,7 @@ impl Plan {
             .iter()
             .copied()
             .filter(|(k, _)| *k != FaultKind::DiskFull || self.small_disk_node.is_some())
+            .filter(|(k, _)| *k != FaultKind::PgTerminate || self.postgres.contains(&true))
             .collect();
         let total: u64 = weights.iter().map(|(_, w)| w).sum();
         // About three fault attempts per two seconds; attempts on a busy target are dropped.
@@ -472,6 +524,18 @@ impl Plan {
                     b.push(end, Action::FreeDisk(node), None);
                 }
             }
+            FaultKind::PgTerminate => {
+                // An instant, not a window: the node reconnects on its own. Drawn only from
+                // PostgreSQL nodes; it may land while the node is down (then nothing is
+                // terminated and the report says it was not injected).
+                let pg: Vec<usize> = (0..self.nodes).filter(|n| self.postgres[*n]).collect();
+                if pg.is_empty() {
+                    return;
+                }
+                let node = pg[b.rng.index(pg.len())];
+                let at = b.rng.range(0, self.duration_ms - 100);
+                b.push(at, Action::TerminateBackends(node), Some(kind));
+            }
             FaultKind::KillDuringCatchUp => {}
         }
     }
@@ -489,9 +553,27 @@ impl Plan {
 
     /// A readable listing of the plan (kept with a failing history).
     pub fn describe(&self) -> String {
+        let stores: Vec<String> = (0..self.nodes)
+            .map(|n| {
+                format!(
+                    "n{n}={}",
+                    if self.postgres[n] {
+                        "postgres"
+                    } else {
+                        "sqlite"
+                    }
+                )
+            })
+            .collect();
         let mut out = format!(
-            "seed {} ({:#x}), {} nodes, {:?}, faults over {} ms, small disk on {:?}\nlinks:\n",
-            self.seed, self.seed, self.nodes, self.topology, self.duration_ms, self.small_disk_node
+            "seed {} ({:#x}), {} nodes, {:?}, faults over {} ms, small disk on {:?}\nstores: {}\nlinks:\n",
+            self.seed,
+            self.seed,
+            self.nodes,
+            self.topology,
+            self.duration_ms,
+            self.small_disk_node,
+            stores.join(" ")
         );
         for (i, l) in self.links.iter().enumerate() {
             out.push_str(&format!(
@@ -519,6 +601,41 @@ mod tests {
         assert_eq!(a.events, b.events);
         assert_eq!(a.links, b.links);
         assert!(!a.events.is_empty());
+    }
+
+    #[test]
+    fn postgres_nodes_change_stores_not_the_rest_of_the_plan() {
+        for seed in 0..100 {
+            let sqlite = Plan::generate(seed, 3, 6_000, true);
+            let mixed = Plan::generate_with_postgres(seed, 3, 6_000, true, 2);
+            assert_eq!(mixed.postgres.iter().filter(|p| **p).count(), 2);
+            assert_eq!(sqlite.links, mixed.links, "seed {seed}");
+            assert_eq!(sqlite.workload_seed, mixed.workload_seed, "seed {seed}");
+            if let Some(n) = mixed.small_disk_node {
+                assert!(
+                    !mixed.postgres[n],
+                    "seed {seed}: the small disk is for SQLite files"
+                );
+            }
+            for e in &mixed.events {
+                if let Action::TerminateBackends(n) = e.action {
+                    assert!(mixed.postgres[n], "seed {seed}: {}", mixed.describe());
+                }
+                if let Action::FillDisk(n) = e.action {
+                    assert!(!mixed.postgres[n], "seed {seed}: {}", mixed.describe());
+                }
+            }
+            let all = Plan::generate_with_postgres(seed, 3, 6_000, true, 3);
+            assert_eq!(all.small_disk_node, None, "seed {seed}");
+        }
+        // Without PostgreSQL nodes there is no PostgreSQL fault.
+        let plain = Plan::generate(7, 3, 8_000, true);
+        assert!(
+            !plain
+                .events
+                .iter()
+                .any(|e| matches!(e.action, Action::TerminateBackends(_)))
+        );
     }
 
     #[test]

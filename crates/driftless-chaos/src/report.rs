@@ -11,6 +11,9 @@ use std::fmt::Write as _;
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
     pub histories: u64,
+    /// Replicas checked, by kind.
+    pub sqlite_replicas: u64,
+    pub postgres_replicas: u64,
     pub failed: Vec<(u64, String)>,
     pub faults: BTreeMap<FaultKind, u64>,
     pub skipped: BTreeMap<String, u64>,
@@ -59,6 +62,8 @@ fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
 impl Summary {
     pub fn add(&mut self, r: &HistoryResult) {
         self.histories += 1;
+        self.postgres_replicas += r.postgres_nodes.len() as u64;
+        self.sqlite_replicas += r.nodes.saturating_sub(r.postgres_nodes.len()) as u64;
         if r.failed() {
             self.failed.push((r.seed, r.replay.clone()));
         }
@@ -108,6 +113,11 @@ impl Summary {
         let ms = |p: f64| percentile(&sorted, p).map_or("-".to_owned(), |v| format!("{v} ms"));
         let _ = writeln!(out, "histories:                 {}", self.histories);
         let _ = writeln!(out, "failed histories:          {}", self.failed.len());
+        let _ = writeln!(
+            out,
+            "replicas:                  {} SQLite, {} PostgreSQL",
+            self.sqlite_replicas, self.postgres_replicas
+        );
         let _ = writeln!(
             out,
             "faults injected:           {}",

@@ -14,6 +14,12 @@ use driftless_sim::workload::TableSpec;
 pub const SCHEMA_SQL: &str = "CREATE TABLE items (id INTEGER PRIMARY KEY, a TEXT, b TEXT);
 CREATE TABLE counters (id INTEGER PRIMARY KEY, counter INTEGER NOT NULL DEFAULT 0);";
 
+/// The same tables on a PostgreSQL replica. The types map losslessly to the SQLite ones
+/// (docs/postgres.md, "Types"): `bigint` is an `Integer` like SQLite's `INTEGER`, `text` a `Text`
+/// like `TEXT`, so a cell read from either kind of replica compares equal value for value.
+pub const SCHEMA_SQL_POSTGRES: &str = "CREATE TABLE items (id bigint PRIMARY KEY, a text, b text);
+CREATE TABLE counters (id bigint PRIMARY KEY, counter bigint NOT NULL DEFAULT 0);";
+
 /// The `[[tables]]` part of every node's config.
 pub const TABLES_TOML: &str = "[[tables]]\nname = \"items\"\n\n\
 [[tables]]\nname = \"counters\"\ncolumns = { counter = \"counter\" }\n";
@@ -33,7 +39,8 @@ pub fn initial_value(column: &str, id: i64) -> String {
     format!("init:{column}:{id}")
 }
 
-/// SQL inserting the initial rows (run on node 0's file only, so the counters are seeded once).
+/// SQL inserting the initial rows (run on node 0's replica only, so the counters are seeded
+/// once). Plain SQL that SQLite and PostgreSQL both accept.
 pub fn initial_rows_sql() -> String {
     let mut sql = String::from("BEGIN;\n");
     for id in 0..HOT_ITEMS {

@@ -36,6 +36,7 @@ fn options(seed: u64, node_env: Vec<(String, String)>, faults: bool) -> HistoryO
     HistoryOptions {
         seed,
         nodes: NODES,
+        postgres_nodes: 0,
         duration: DURATION,
         driftless: PathBuf::from(BIN),
         node_env,

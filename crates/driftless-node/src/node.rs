@@ -57,6 +57,13 @@ pub enum NodeError {
     Poller(String),
 }
 
+impl NodeError {
+    /// Whether starting again later may succeed (the database was unreachable).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, NodeError::OpenPostgres(e) if e.is_transient())
+    }
+}
+
 /// Listening sockets, bound by the caller (tests bind port 0 and read the address back).
 #[derive(Debug, Default)]
 pub struct Listeners {
@@ -193,16 +200,12 @@ pub fn open_store(config: &ResolvedConfig) -> Result<DynStore, NodeError> {
     }
 }
 
-/// Runs a node until `shutdown` completes. On shutdown, links say goodbye, the batch being
-/// applied finishes (it is one transaction either way), and the function returns.
-pub async fn run(
-    config: ResolvedConfig,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), NodeError> {
-    // Opening may block (PostgreSQL's client runs its own runtime): keep it off the async threads.
+/// Opens the store on a blocking thread (PostgreSQL's client runs its own runtime and blocks).
+async fn open_store_off_runtime(
+    config: &ResolvedConfig,
+) -> Result<(DynStore, Vec<(TableName, SchemaFingerprint)>, LogSeq), NodeError> {
     let opening = config.clone();
-    let (store, tables, head) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let mut store = open_store(&opening)?;
         let tables: Vec<(TableName, SchemaFingerprint)> = store
             .schemas()
@@ -213,7 +216,40 @@ pub async fn run(
         Ok::<_, NodeError>((store, tables, head))
     })
     .await
-    .map_err(|e| NodeError::Poller(format!("opening the store failed: {e}")))??;
+    .map_err(|e| NodeError::Poller(format!("opening the store failed: {e}")))?
+}
+
+/// Runs a node until `shutdown` completes. On shutdown, links say goodbye, the batch being
+/// applied finishes (it is one transaction either way), and the function returns.
+pub async fn run(
+    config: ResolvedConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let mut shutdown = Box::pin(shutdown);
+    // A database that is not reachable yet (a server still starting, a failover) is waited
+    // for, as a running node waits for it; a refused login or a bad schema ends the run.
+    let mut attempt = 0u32;
+    let (store, tables, head) = loop {
+        let opened = open_store_off_runtime(&config).await;
+        match opened {
+            Err(e) if e.is_transient() => {
+                let delay = backoff(
+                    attempt,
+                    Duration::from_millis(config.file.sync.reconnect_min_ms),
+                    Duration::from_millis(config.file.sync.reconnect_max_ms),
+                );
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "cannot open the store yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut shutdown => return Ok(()),
+                }
+            }
+            other => break other?,
+        }
+    };
     let (head_tx, _) = watch::channel(head);
     let (stop_tx, stop_rx) = watch::channel(false);
     let server_tls = match &config.file.listen {

@@ -20,7 +20,7 @@ struct Database {
 }
 
 impl Database {
-    fn create() -> Option<Database> {
+    fn create(suffix: &str) -> Option<Database> {
         let admin = admin_url();
         let mut client = match Client::connect(&admin, NoTls) {
             Ok(c) => c,
@@ -33,7 +33,7 @@ impl Database {
                 return None;
             }
         };
-        let name = format!("driftless_node_test_{}", std::process::id());
+        let name = format!("driftless_node_test_{}_{suffix}", std::process::id());
         client
             .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
             .unwrap();
@@ -51,13 +51,17 @@ impl Database {
 }
 
 impl Drop for Database {
+    /// On a thread of its own: the sync client must not run on an async worker, and a test that
+    /// panics drops its database wherever it is.
     fn drop(&mut self) {
-        if let Ok(mut client) = Client::connect(&admin_url(), NoTls) {
-            let _ = client.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ));
-        }
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(mut client) = Client::connect(&admin_url(), NoTls) {
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"));
+            }
+        })
+        .join();
     }
 }
 
@@ -120,7 +124,10 @@ async fn with_pg<T: Send + 'static>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_hub_relays_between_sqlite_spokes() {
-    let Some(db) = tokio::task::spawn_blocking(Database::create).await.unwrap() else {
+    let Some(db) = tokio::task::spawn_blocking(|| Database::create("hub"))
+        .await
+        .unwrap()
+    else {
         return;
     };
     let url = db.url.clone();
@@ -241,4 +248,131 @@ async fn a_postgres_hub_relays_between_sqlite_spokes() {
         node.stop().await.unwrap();
     }
     tokio::task::spawn_blocking(move || drop(db)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_connection_drops_while_opening_waits_and_comes_up() {
+    let Some(db) = tokio::task::spawn_blocking(|| Database::create("open"))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let url = db.url.clone();
+    with_pg(&url, |pg| {
+        pg.batch_execute("CREATE TABLE items (id integer PRIMARY KEY, name text, price double precision, stock bigint NOT NULL DEFAULT 0)")
+            .unwrap()
+    })
+    .await;
+    // a client holds the table, so the node's install waits on the lock ...
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let locker_url = url.clone();
+    let locker = std::thread::spawn(move || {
+        let mut client = Client::connect(&locker_url, NoTls).unwrap();
+        let mut tx = client.transaction().unwrap();
+        tx.batch_execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        let _ = release_rx.recv();
+        tx.commit().unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_text("solo", "", "").replace(
+        "[store]\nkind = \"sqlite\"\npath = \"./solo.db\"",
+        &format!("[store]\nkind = \"postgres\"\nurl = \"{}\"", db.url),
+    );
+    let mut node = TestNode::start(dir.path(), "solo", Ports::bind().await, cfg).await;
+    // ... and its connection is terminated there, as a failover or server restart would
+    let name = db.name.clone();
+    let terminated = with_pg(&admin_url(), move |pg| {
+        let started = Instant::now();
+        loop {
+            let n: i64 = pg
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                     WHERE datname = $1 AND application_name = 'driftless' AND wait_event_type = 'Lock'",
+                    &[&name],
+                )
+                .unwrap()
+                .get(0);
+            if n > 0 || started.elapsed() > Duration::from_secs(20) {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await;
+    assert!(terminated > 0, "the node never waited on the lock");
+    release_tx.send(()).unwrap();
+    locker.join().unwrap();
+    // the node did not give up: it opens on its next attempt and captures writes
+    let started = Instant::now();
+    while driftless_node::ops::fetch_status(node.admin).await.is_err() {
+        if started.elapsed() > Duration::from_secs(5) {
+            eprintln!("DEBUG {:?}", node.stop().await);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the node never came up after its connection was terminated"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    with_pg(&url, |pg| {
+        pg.batch_execute("INSERT INTO items VALUES (1, 'after the outage', 1.0, 1)")
+            .unwrap()
+    })
+    .await;
+    eventually("the write to be captured", async || {
+        node.status().await.changes_captured >= 1
+    })
+    .await;
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_waited_for_and_a_missing_database_ends_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = |url: &str| format!("[store]\nkind = \"postgres\"\nurl = \"{url}\"");
+    let sqlite = "[store]\nkind = \"sqlite\"\npath = \"./solo.db\"";
+    // nothing listens on port 1: the node waits (as it would for a server still starting) ...
+    let cfg = config_text("solo", "", "").replace(
+        sqlite,
+        &store("host=127.0.0.1 port=1 user=postgres dbname=test connect_timeout=1"),
+    );
+    let mut node = TestNode::start(dir.path(), "solo", Ports::bind().await, cfg).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        !node.has_exited(),
+        "the node gave up on an unreachable server"
+    );
+    // ... and stops cleanly when asked
+    node.stop().await.unwrap();
+
+    // a database that does not exist is a configuration error: the run ends with it
+    if tokio::task::spawn_blocking(|| Client::connect(&admin_url(), NoTls).is_err())
+        .await
+        .unwrap()
+    {
+        assert!(std::env::var_os("CI").is_none(), "CI needs PostgreSQL");
+        eprintln!("skipped the missing-database half: PostgreSQL unreachable");
+        return;
+    }
+    let missing = admin_url()
+        .split_whitespace()
+        .filter(|p| !p.starts_with("dbname="))
+        .chain(["dbname=driftless_no_such_database"])
+        .collect::<Vec<_>>()
+        .join(" ");
+    let cfg = config_text("other", "", "").replace(
+        "[store]\nkind = \"sqlite\"\npath = \"./other.db\"",
+        &store(&missing),
+    );
+    let mut node = TestNode::start(dir.path(), "other", Ports::bind().await, cfg).await;
+    let error = node.stop().await.unwrap_err();
+    assert!(
+        error.to_string().contains("driftless_no_such_database"),
+        "{error}"
+    );
 }

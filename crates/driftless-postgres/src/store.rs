@@ -59,6 +59,10 @@ impl PostgresOptions {
 pub enum OpenError {
     #[error("cannot connect to PostgreSQL: {0}")]
     Connect(String),
+    /// The server could not be reached or went away (refused, reset, shut down, too many
+    /// connections): worth trying again, unlike a refused login or a missing database.
+    #[error("PostgreSQL is unreachable: {0}")]
+    Unreachable(String),
     #[error("cannot install driftless into the database: {0}")]
     Install(StoreError),
     #[error("no tables configured: list at least one table to sync")]
@@ -127,8 +131,32 @@ impl Error {
 
     pub fn into_store(self) -> StoreError {
         match self {
+            Error::Pg(e) if is_unreachable(&e) => StoreError::Unavailable(describe(&e)),
             Error::Pg(e) => StoreError::Database(describe(&e)),
             Error::Store(e) => e,
+        }
+    }
+}
+
+impl OpenError {
+    /// Whether opening may succeed if tried again later (the server was down or went away).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, OpenError::Unreachable(_))
+    }
+}
+
+/// Whether a connection attempt failed because the server is not (yet) there, rather than
+/// because it refused us: no server answer at all, or the SQLSTATE classes of a server shutting
+/// down (57P01-57P03) or out of connections (53300).
+pub(crate) fn is_unreachable(e: &postgres::Error) -> bool {
+    match e.code() {
+        Some(code) => matches!(code.code(), "57P01" | "57P02" | "57P03" | "53300"),
+        // a socket error (refused, reset, timed out) or a closed connection; not a bad
+        // connection string, a refused login or TLS trouble
+        None => {
+            e.is_closed()
+                || std::error::Error::source(e)
+                    .is_some_and(|cause| cause.downcast_ref::<std::io::Error>().is_some())
         }
     }
 }
@@ -293,7 +321,13 @@ impl<C: Clock> PostgresStore<C> {
                 return Err(OpenError::DuplicateTable(t.name.clone()));
             }
         }
-        let client = connect(url).map_err(|e| OpenError::Connect(describe(&e)))?;
+        let client = connect(url).map_err(|e| {
+            if is_unreachable(&e) {
+                OpenError::Unreachable(describe(&e))
+            } else {
+                OpenError::Connect(describe(&e))
+            }
+        })?;
         let ds = quote_ident(&options.driftless_schema);
         let mut store = PostgresStore {
             client,
@@ -322,7 +356,12 @@ impl<C: Clock> PostgresStore<C> {
         let schema_name = options.driftless_schema.clone();
         store
             .install(options.node_id, &schema_name)
-            .map_err(OpenError::Install)?;
+            .map_err(|e| match e {
+                // the connection dropped mid-install (the install is one transaction, so
+                // nothing half-done stays behind): the caller may simply try again
+                StoreError::Unavailable(reason) => OpenError::Unreachable(reason),
+                other => OpenError::Install(other),
+            })?;
         store.installed = true;
         Ok(store)
     }
@@ -638,7 +677,13 @@ impl<C: Clock> PostgresStore<C> {
     /// Reconnects if the connection was lost (e.g. the server restarted).
     pub(crate) fn ensure_connected(&mut self) -> Result<(), StoreError> {
         if self.client.is_closed() {
-            self.client = connect(&self.url).map_err(|e| StoreError::Database(describe(&e)))?;
+            self.client = connect(&self.url).map_err(|e| {
+                if is_unreachable(&e) {
+                    StoreError::Unavailable(describe(&e))
+                } else {
+                    StoreError::Database(describe(&e))
+                }
+            })?;
             self.statements.clear();
         }
         Ok(())

@@ -296,6 +296,10 @@ pub struct TableStats {
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(String),
+    /// The database could not be reached or the connection was lost (a server restart, a
+    /// failover); the operation may succeed if tried again.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     #[error("table {table}: {reason}")]
     Schema { table: String, reason: String },
     #[error("unknown table {0}")]

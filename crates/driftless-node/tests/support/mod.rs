@@ -117,6 +117,11 @@ impl TestNode {
         }
     }
 
+    /// Whether the node's `run` has returned (on its own: it was not stopped).
+    pub fn has_exited(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
     /// Starts again on the same addresses.
     pub async fn restart(&mut self, peer_addr: SocketAddr) {
         let ports = Ports {

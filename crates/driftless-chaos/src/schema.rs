@@ -75,7 +75,9 @@ pub fn oracle_workload() -> Workload {
         }
         let fingerprint = SchemaFingerprint::compute(
             &name,
-            columns.iter().map(|(c, t, k)| (c.as_str(), *t, k.as_str())),
+            columns
+                .iter()
+                .map(|(c, _, k)| (c.as_str(), None, k.as_str())),
         );
         TableSpec {
             name,

@@ -6,17 +6,20 @@ use crate::value::Value;
 use crate::version::{CausalLength, Version};
 use std::fmt;
 
-/// Fingerprint of a table's schema (column names, declared types and merge kinds) as seen by the
-/// writer. Lets a receiver notice a change made under a schema it does not have.
+/// Fingerprint of a table's schema (column names, primary-key positions and merge kinds) as seen
+/// by the writer. Lets a receiver notice a change made under a schema it does not have: a column
+/// it lacks, a different key, or a column merged by another rule (which would diverge). Declared
+/// types are left out on purpose: apply matches columns by name and converts values by the
+/// documented mapping, so `bigint` on PostgreSQL and `INTEGER` on SQLite are the same schema.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct SchemaFingerprint(pub u64);
 
 impl SchemaFingerprint {
-    /// FNV-1a over `table`, then each `(column, declared type, kind)` in the given order. Not a
+    /// FNV-1a over `table`, then each `(column, key position, kind)` in the given order. Not a
     /// security boundary: it detects mismatches, it does not authenticate.
     pub fn compute<'a>(
         table: &TableName,
-        columns: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+        columns: impl IntoIterator<Item = (&'a str, Option<usize>, &'a str)>,
     ) -> Self {
         const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
         const PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -29,9 +32,12 @@ impl SchemaFingerprint {
             }
         };
         feed(table.as_str().as_bytes());
-        for (name, declared_type, kind) in columns {
+        for (name, key_position, kind) in columns {
             feed(name.as_bytes());
-            feed(declared_type.as_bytes());
+            match key_position {
+                Some(p) => feed(format!("pk{p}").as_bytes()),
+                None => feed(b""),
+            }
             feed(kind.as_bytes());
         }
         SchemaFingerprint(hash)
@@ -104,5 +110,29 @@ impl Change {
             ChangeOp::Upsert(cells) => cells,
             ChangeOp::Delete { .. } => &[],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schema_fingerprint_sees_columns_keys_and_kinds_but_not_declared_types() {
+        let t = TableName::new("items").unwrap();
+        let base = [("id", Some(0), "lww"), ("n", None, "lww")];
+        let fp = |cols: &[(&str, Option<usize>, &str)]| {
+            SchemaFingerprint::compute(&t, cols.iter().copied())
+        };
+        let reference = fp(&base);
+        assert_eq!(reference, fp(&base));
+        // a column more, a different key, another merge rule, another table: all differ
+        assert_ne!(reference, fp(&[base[0], base[1], ("m", None, "lww")]));
+        assert_ne!(reference, fp(&[("id", None, "lww"), ("n", Some(0), "lww")]));
+        assert_ne!(reference, fp(&[base[0], ("n", None, "counter")]));
+        assert_ne!(
+            reference,
+            SchemaFingerprint::compute(&TableName::new("other").unwrap(), base)
+        );
     }
 }

@@ -105,21 +105,11 @@ pub fn introspect(conn: &Connection, config: &TableConfig) -> Result<TableSchema
         schema.kind = *kind;
         rules = rules.with_column(column.clone(), *kind);
     }
-    let described: Vec<(String, String, String)> = columns
-        .iter()
-        .map(|c| {
-            let ty = match c.primary_key {
-                Some(p) => format!("{} pk{p}", c.declared_type.to_ascii_lowercase()),
-                None => c.declared_type.to_ascii_lowercase(),
-            };
-            (c.name.as_str().to_owned(), ty, c.kind.as_str().to_owned())
-        })
-        .collect();
     let fingerprint = SchemaFingerprint::compute(
         &config.name,
-        described
+        columns
             .iter()
-            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
+            .map(|c| (c.name.as_str(), c.primary_key, c.kind.as_str())),
     );
     Ok(TableSchema {
         name: config.name.clone(),

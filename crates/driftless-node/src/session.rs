@@ -748,7 +748,23 @@ async fn send_log(
     let batch_max = ctx.config.file.sync.batch_changes_max;
     let heartbeat = Duration::from_millis(ctx.config.file.sync.heartbeat_ms);
     let mut head_rx = ctx.head.subscribe();
-    let state = ctx.store.call(move |s| s.peer_state(peer, cursor)).await?;
+    let (state, head) = ctx
+        .store
+        .call(move |s| Ok((s.peer_state(peer, cursor)?, s.log_head()?)))
+        .await?;
+    // The peer has applied our log further than it reaches: this replica was restored from a
+    // backup (or lost the end of its log). Our next entries would reuse sequence numbers the
+    // peer believes it has, and it would skip them; a snapshot of every row brings it up to
+    // date and moves its cursor back to our head. Our own writes that the restore lost are
+    // still on the peer: reconciliation brings them back.
+    let state = if cursor > head {
+        tracing::warn!(peer = %name, peer_cursor = cursor.0, log_head = head.0,
+            "the peer has applied our log beyond its end (was this replica restored from a backup?); sending a snapshot and reconciling");
+        ctx.reconcile_soon.store(true, Ordering::Relaxed);
+        PeerLogState::NeedsBootstrap { resume_after: head }
+    } else {
+        state
+    };
     if let PeerLogState::NeedsBootstrap { resume_after } = state {
         tracing::warn!(peer = %name, cursor = cursor.0, "peer is behind the log's retention; sending a snapshot");
         ctx.peers.update(&name, |p| p.snapshots_sent += 1);

@@ -250,6 +250,15 @@ async fn a_restored_backup_is_reconciled_without_overwriting_newer_writes() {
         p.edge.status().await.peers.iter().any(|l| l.connected)
     })
     .await;
+    // a write made after the restore reaches the hub by streaming, although the restored log
+    // reuses sequence numbers the hub had already applied: the edge notices the hub's cursor
+    // beyond its log's end and re-bootstraps it with a snapshot
+    p.edge
+        .sql("INSERT INTO items VALUES (301, 'after the restore', 1.0, 1);");
+    eventually("the post-restore write to reach the hub", async || {
+        p.hub.query_i64("SELECT count(*) FROM items WHERE id = 301") == 1
+    })
+    .await;
     // streaming brings the hub's later changes back, but not the edge's own lost ones
     eventually("the hub's changes to arrive again", async || {
         p.edge
@@ -282,6 +291,10 @@ async fn a_restored_backup_is_reconciled_without_overwriting_newer_writes() {
         assert_eq!(node.query_i64("SELECT count(*) FROM items WHERE id = 5"), 0);
         assert_eq!(
             node.query_i64("SELECT count(*) FROM items WHERE id = 300"),
+            1
+        );
+        assert_eq!(
+            node.query_i64("SELECT count(*) FROM items WHERE id = 301"),
             1
         );
     }

@@ -147,12 +147,16 @@ impl<C: Clock> PostgresStore<C> {
                 .map(|(_, t, k, _)| (t.clone(), k.clone()))
                 .collect();
             store.load_states(&ids)?;
+            // The newest entry always stays, so the log's head never moves back: a peer whose
+            // cursor is beyond our head then means a restored backup (see session.rs).
+            let newest = store.log_head_impl()?.0 as i64;
             let superseded: Vec<i64> = scanned
                 .iter()
-                .filter(|(_, t, k, v)| {
-                    !store.tx.states[&(t.clone(), k.clone())]
-                        .state
-                        .references(*v)
+                .filter(|(seq, t, k, v)| {
+                    *seq != newest
+                        && !store.tx.states[&(t.clone(), k.clone())]
+                            .state
+                            .references(*v)
                 })
                 .map(|(seq, _, _, _)| *seq)
                 .collect();
@@ -184,7 +188,9 @@ impl<C: Clock> PostgresStore<C> {
                 .filter(|a| *a >= floor.0)
                 .min()
                 .unwrap_or(head.0);
-            let mut target = min_acked.min(head.0.saturating_sub(policy.retain_entries_min));
+            let mut target = min_acked
+                .min(head.0.saturating_sub(policy.retain_entries_min))
+                .min(head.0.saturating_sub(1));
             // Entries above the floor are at most head - floor; count them exactly only when
             // that bound exceeds the limit (a count of a large log is a scan).
             if head.0.saturating_sub(floor.0) > policy.retain_entries_max {

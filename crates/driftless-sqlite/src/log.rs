@@ -146,7 +146,13 @@ impl<C: Clock> SqliteStore<C> {
             } else {
                 scanned.last().map_or(0, |s| s.0)
             };
+            // The newest entry always stays, so the log's head never moves back: a peer whose
+            // cursor is beyond our head then means a restored backup (see the node's session).
+            let newest = store.log_head_impl()?.0 as i64;
             for (seq, table, pk, bytes) in &scanned {
+                if *seq == newest {
+                    continue;
+                }
                 let change = decode_change(bytes)
                     .map_err(|e| StoreError::Corrupt(format!("log entry {seq}: {e}")))?;
                 let key = PrimaryKey::from_bytes(pk)
@@ -178,7 +184,9 @@ impl<C: Clock> SqliteStore<C> {
                 .filter(|a| *a >= floor.0)
                 .min()
                 .unwrap_or(head.0);
-            let mut target = min_acked.min(head.0.saturating_sub(policy.retain_entries_min));
+            let mut target = min_acked
+                .min(head.0.saturating_sub(policy.retain_entries_min))
+                .min(head.0.saturating_sub(1));
             let count: i64 = store
                 .conn
                 .query_row("SELECT count(*) FROM _driftless_log", [], |r| r.get(0))

@@ -375,6 +375,19 @@ fn compaction_drops_superseded_entries_and_a_peer_behind_retention_must_bootstra
         a.record_ack(slow_peer, head.unwrap()).unwrap(),
         PeerLogState::Stream
     );
+
+    // every peer has everything and nothing need be kept: still the newest entry stays, so the
+    // head never moves back (a cursor beyond the head means a restored backup)
+    let before = a.log_head().unwrap();
+    a.record_ack(slow_peer, before).unwrap();
+    a.compact(&CompactionPolicy {
+        retain_entries_min: 0,
+        retain_entries_max: 1,
+        scan_entries_max: 1000,
+        retire_entries_max: 50_000,
+    })
+    .unwrap();
+    assert_eq!(a.log_head().unwrap(), before);
 }
 
 #[test]

@@ -13,80 +13,32 @@
 //! history is kept under `target/chaos-failures/<seed>/` (databases, node logs, plan, client
 //! history, report).
 
-use driftless_chaos::{HistoryOptions, HistoryResult, run_history};
-use std::path::PathBuf;
+mod chaos_support;
+
+use chaos_support::{Suite, line, seeds};
+use driftless_chaos::run_history;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_driftless");
 /// Seeds whose plans together inject every kind of fault (see `--example plan`).
 const SUITE_SEEDS: [u64; 12] = [1, 2, 3, 5, 7, 9, 11, 12, 15, 20, 31, 38];
-const NODES: usize = 3;
-/// Faults and client writes last this long per history (debug build, 2 shared cores).
-const DURATION: Duration = Duration::from_secs(6);
+const SUITE: Suite = Suite {
+    test: "chaos",
+    nodes: 3,
+    postgres_nodes: 0,
+    duration: Duration::from_secs(6),
+};
 
 /// The histories share the machine's two cores and loopback ports: one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn keep_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/chaos-failures")
-}
-
-fn options(seed: u64, node_env: Vec<(String, String)>, faults: bool) -> HistoryOptions {
-    HistoryOptions {
-        seed,
-        nodes: NODES,
-        postgres_nodes: 0,
-        duration: DURATION,
-        driftless: PathBuf::from(BIN),
-        node_env,
-        faults,
-        keep_failures_in: keep_dir(),
-        quiesce_timeout: Duration::from_secs(120),
-        ready_timeout: Duration::from_secs(60),
-        replay: format!(
-            "DRIFTLESS_SEED={seed} cargo test -p driftless --test chaos -- --nocapture suite"
-        ),
-        keep_always: false,
-    }
-}
-
-fn seeds() -> Vec<u64> {
-    match std::env::var("DRIFTLESS_SEED") {
-        Ok(text) => vec![
-            text.parse()
-                .unwrap_or_else(|_| panic!("DRIFTLESS_SEED={text:?} is not a u64")),
-        ],
-        Err(_) => SUITE_SEEDS.to_vec(),
-    }
-}
-
-fn line(result: &HistoryResult, took: Duration) -> String {
-    format!(
-        "seed {} {}: faults {:?}, {} ok / {} failed client writes, converged {} after the heal, {} ({took:.1?})",
-        result.seed,
-        result.topology,
-        result
-            .faults
-            .iter()
-            .map(|(k, n)| format!("{k}={n}"))
-            .collect::<Vec<_>>(),
-        result.ops_ok,
-        result.ops_failed,
-        result
-            .converge_ms
-            .map_or("never".to_owned(), |ms| format!("{ms} ms")),
-        if result.failed() { "FAILED" } else { "ok" },
-    )
-}
 
 #[test]
 fn suite_of_seeded_fault_histories_converges_without_lost_or_phantom_writes() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut failures = String::new();
-    for seed in seeds() {
+    for seed in seeds(&SUITE_SEEDS) {
         let started = Instant::now();
-        let result = run_history(&options(seed, Vec::new(), true));
+        let result = run_history(&SUITE.options(seed, Vec::new(), true));
         eprintln!("{}", line(&result, started.elapsed()));
         for note in &result.skipped {
             eprintln!("  note: {}", note.lines().next().unwrap_or_default());
@@ -110,7 +62,7 @@ fn the_checker_catches_a_build_that_drops_every_fiftieth_applied_change() {
     // Seed 100 links the nodes hub-and-spoke: a change dropped by the hub has no other path to
     // the spokes. (In a full mesh the third node relays every change too, which repairs most
     // single drops: the harness would still catch some, but not reliably.)
-    let mut options = options(100, env, false);
+    let mut options = SUITE.options(100, env, false);
     options.replay =
         "cargo test -p driftless --test chaos -- --nocapture the_checker_catches".into();
     let started = Instant::now();
@@ -126,7 +78,7 @@ fn the_checker_catches_a_build_that_drops_every_fiftieth_applied_change() {
     assert!(
         v.divergent_replicas > 0 || v.lost_acked_writes > 0 || v.model_mismatches > 0,
         "nodes that silently drop every 50th applied change were not caught: {} \
-         (is the fault-injection feature of driftless-sqlite compiled into {BIN}?)",
+         (is the fault-injection feature of driftless-sqlite compiled into the test build of driftless?)",
         v.counts()
     );
     if let Some(kept) = &result.kept {

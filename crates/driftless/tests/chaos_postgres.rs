@@ -19,23 +19,26 @@
 //! Run: `cargo test -p driftless --test chaos_postgres -- --nocapture`. Replay one seed with
 //! `DRIFTLESS_SEED=<seed> cargo test -p driftless --test chaos_postgres -- --nocapture suite`.
 
+mod chaos_support;
+
+use chaos_support::{Suite, line, seeds};
 use driftless_chaos::plan::Action;
-use driftless_chaos::{FaultKind, HistoryOptions, HistoryResult, Plan, pg, run_history};
+use driftless_chaos::{FaultKind, Plan, pg, run_history};
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_driftless");
 /// Seeds whose plans (3 nodes, 2 on PostgreSQL, 5 s) together put every kind of fault on a
 /// PostgreSQL node or its links, and a full disk on the SQLite node (see
 /// `cargo run -p driftless-chaos --example plan -- SEED 3 5000 2`; checked by
 /// `the_suite_seeds_put_every_fault_on_a_postgres_node`).
 const SUITE_SEEDS: [u64; 5] = [5, 23, 42, 44, 52];
-const NODES: usize = 3;
-const POSTGRES_NODES: usize = 2;
-/// Faults and client writes last this long per history (debug build, 2 shared cores).
-const DURATION: Duration = Duration::from_secs(5);
+const SUITE: Suite = Suite {
+    test: "chaos_postgres",
+    nodes: 3,
+    postgres_nodes: 2,
+    duration: Duration::from_secs(5),
+};
 
 /// The histories share the machine's two cores and loopback ports: one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -54,60 +57,6 @@ fn postgres_available(test: &str) -> bool {
             false
         }
     }
-}
-
-fn keep_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/chaos-failures")
-}
-
-fn options(seed: u64, node_env: Vec<(String, String)>, faults: bool) -> HistoryOptions {
-    HistoryOptions {
-        seed,
-        nodes: NODES,
-        postgres_nodes: POSTGRES_NODES,
-        duration: DURATION,
-        driftless: PathBuf::from(BIN),
-        node_env,
-        faults,
-        keep_failures_in: keep_dir(),
-        quiesce_timeout: Duration::from_secs(120),
-        ready_timeout: Duration::from_secs(60),
-        replay: format!(
-            "DRIFTLESS_SEED={seed} cargo test -p driftless --test chaos_postgres -- --nocapture suite"
-        ),
-        keep_always: false,
-    }
-}
-
-fn seeds() -> Vec<u64> {
-    match std::env::var("DRIFTLESS_SEED") {
-        Ok(text) => vec![
-            text.parse()
-                .unwrap_or_else(|_| panic!("DRIFTLESS_SEED={text:?} is not a u64")),
-        ],
-        Err(_) => SUITE_SEEDS.to_vec(),
-    }
-}
-
-fn line(result: &HistoryResult, took: Duration) -> String {
-    format!(
-        "seed {} {} postgres={:?}: faults {:?}, {} ok / {} failed / {} unknown client writes, converged {} after the heal, {} ({took:.1?})",
-        result.seed,
-        result.topology,
-        result.postgres_nodes,
-        result
-            .faults
-            .iter()
-            .map(|(k, n)| format!("{k}={n}"))
-            .collect::<Vec<_>>(),
-        result.ops_ok,
-        result.ops_failed,
-        result.ops_unknown,
-        result
-            .converge_ms
-            .map_or("never".to_owned(), |ms| format!("{ms} ms")),
-        if result.failed() { "FAILED" } else { "ok" },
-    )
 }
 
 /// No database of this process may outlive its history.
@@ -132,10 +81,10 @@ fn the_suite_seeds_put_every_fault_on_a_postgres_node() {
     for seed in SUITE_SEEDS {
         let plan = Plan::generate_with_postgres(
             seed,
-            NODES,
-            DURATION.as_millis() as u64,
+            SUITE.nodes,
+            SUITE.duration.as_millis() as u64,
             true,
-            POSTGRES_NODES,
+            SUITE.postgres_nodes,
         );
         assert!(
             plan.links
@@ -184,16 +133,16 @@ fn suite_of_seeded_fault_histories_with_postgres_replicas_converges_without_lost
         return;
     }
     let mut failures = String::new();
-    for seed in seeds() {
+    for seed in seeds(&SUITE_SEEDS) {
         let started = Instant::now();
-        let result = run_history(&options(seed, Vec::new(), true));
+        let result = run_history(&SUITE.options(seed, Vec::new(), true));
         eprintln!("{}", line(&result, started.elapsed()));
         for note in &result.skipped {
             eprintln!("  note: {}", note.lines().next().unwrap_or_default());
         }
         assert_eq!(
             result.postgres_nodes.len(),
-            POSTGRES_NODES,
+            SUITE.postgres_nodes,
             "seed {seed}: the history did not run with PostgreSQL replicas"
         );
         if result.failed() {
@@ -228,7 +177,7 @@ fn the_checker_reads_postgres_replicas_and_catches_a_hub_that_drops_changes() {
     // replicas that miss it. Both can only be seen by reading the PostgreSQL databases. (The
     // suite above shows the other half: read the same way, PostgreSQL and SQLite replicas of a
     // correct run are equal cell for cell.)
-    let mut options = options(121, env, false);
+    let mut options = SUITE.options(121, env, false);
     options.replay =
         "cargo test -p driftless --test chaos_postgres -- --nocapture the_checker_reads".into();
     let started = Instant::now();
@@ -244,7 +193,7 @@ fn the_checker_reads_postgres_replicas_and_catches_a_hub_that_drops_changes() {
     assert!(
         v.divergent_replicas > 0 && v.model_mismatches > 0,
         "a hub that silently drops every 50th applied change was not caught with PostgreSQL \
-         spokes: {} (is the fault-injection feature of driftless-sqlite compiled into {BIN}?)",
+         spokes: {} (is the fault-injection feature of driftless-sqlite compiled into the test build of driftless?)",
         v.counts()
     );
     let about_postgres = v.problems.iter().any(|p| {

@@ -232,6 +232,24 @@ impl Cluster {
         Cluster { nodes, dir }
     }
 
+    /// Two running nodes: `a` dials `b`.
+    fn pair() -> Cluster {
+        let mut cluster = Cluster::new(&[
+            Spec {
+                name: "a",
+                listen: false,
+                dials: &["b"],
+            },
+            Spec {
+                name: "b",
+                listen: true,
+                dials: &[],
+            },
+        ]);
+        cluster.start(&["a", "b"]);
+        cluster
+    }
+
     fn index(&self, name: &str) -> usize {
         self.nodes
             .iter()
@@ -740,19 +758,7 @@ fn a_node_killed_with_sigkill_mid_stream_catches_up_without_loss_or_duplicates()
     const ATTEMPTS: usize = 5;
     let (mut rng, seed) = Rng::from_env();
     for attempt in 1..=ATTEMPTS {
-        let mut cluster = Cluster::new(&[
-            Spec {
-                name: "a",
-                listen: false,
-                dials: &["b"],
-            },
-            Spec {
-                name: "b",
-                listen: true,
-                dials: &[],
-            },
-        ]);
-        cluster.start(&["a", "b"]);
+        let mut cluster = Cluster::pair();
         let (a, b) = (cluster.db("a"), cluster.db("b"));
         let writer = write_20k_then_increment(a.clone());
 
@@ -823,19 +829,7 @@ fn a_node_killed_with_sigkill_mid_stream_catches_up_without_loss_or_duplicates()
 
 #[test]
 fn a_peer_down_during_10k_writes_catches_up() {
-    let mut cluster = Cluster::new(&[
-        Spec {
-            name: "a",
-            listen: false,
-            dials: &["b"],
-        },
-        Spec {
-            name: "b",
-            listen: true,
-            dials: &[],
-        },
-    ]);
-    cluster.start(&["a", "b"]);
+    let mut cluster = Cluster::pair();
     let (a, b) = (cluster.db("a"), cluster.db("b"));
 
     // The link works (a row arrives, then its deletion), so b has a cursor before it stops.
@@ -906,19 +900,7 @@ fn a_peer_down_during_10k_writes_catches_up() {
 
 #[test]
 fn status_and_dlq_commands_work_against_a_running_node() {
-    let mut cluster = Cluster::new(&[
-        Spec {
-            name: "a",
-            listen: false,
-            dials: &["b"],
-        },
-        Spec {
-            name: "b",
-            listen: true,
-            dials: &[],
-        },
-    ]);
-    cluster.start(&["a", "b"]);
+    let mut cluster = Cluster::pair();
     let (a, b) = (cluster.db("a"), cluster.db("b"));
     exec(
         &a,
@@ -1042,19 +1024,7 @@ fn status_and_dlq_commands_work_against_a_running_node() {
 
 #[test]
 fn diff_and_reconcile_commands_find_and_repair_drift() {
-    let mut cluster = Cluster::new(&[
-        Spec {
-            name: "a",
-            listen: false,
-            dials: &["b"],
-        },
-        Spec {
-            name: "b",
-            listen: true,
-            dials: &[],
-        },
-    ]);
-    cluster.start(&["a", "b"]);
+    let cluster = Cluster::pair();
     let (a, b) = (cluster.db("a"), cluster.db("b"));
     insert_rows(&a, 1..=500, 5);
     cluster.converge(

@@ -122,22 +122,28 @@ async fn with_pg<T: Send + 'static>(
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_postgres_hub_relays_between_sqlite_spokes() {
-    let Some(db) = tokio::task::spawn_blocking(|| Database::create("hub"))
+/// A fresh database with the `items` table of the SQLite test schema; `None` (skip) without a
+/// server outside CI.
+async fn database_with_items(suffix: &'static str) -> Option<Database> {
+    let db = tokio::task::spawn_blocking(move || Database::create(suffix))
         .await
-        .unwrap()
-    else {
-        return;
-    };
-    let url = db.url.clone();
-    with_pg(&url, |pg| {
+        .unwrap()?;
+    with_pg(&db.url, |pg| {
         pg.batch_execute(
             "CREATE TABLE items (id integer PRIMARY KEY, name text, price double precision, stock bigint NOT NULL DEFAULT 0)",
         )
         .unwrap()
     })
     .await;
+    Some(db)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_hub_relays_between_sqlite_spokes() {
+    let Some(db) = database_with_items("hub").await else {
+        return;
+    };
+    let url = db.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let hub_ports = Ports::bind().await;
     let hub_addr = hub_ports.peer_addr();
@@ -252,18 +258,10 @@ async fn a_postgres_hub_relays_between_sqlite_spokes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_connection_drops_while_opening_waits_and_comes_up() {
-    let Some(db) = tokio::task::spawn_blocking(|| Database::create("open"))
-        .await
-        .unwrap()
-    else {
+    let Some(db) = database_with_items("open").await else {
         return;
     };
     let url = db.url.clone();
-    with_pg(&url, |pg| {
-        pg.batch_execute("CREATE TABLE items (id integer PRIMARY KEY, name text, price double precision, stock bigint NOT NULL DEFAULT 0)")
-            .unwrap()
-    })
-    .await;
     // a client holds the table, so the node's install waits on the lock ...
     let (locked_tx, locked_rx) = std::sync::mpsc::channel();
     let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();

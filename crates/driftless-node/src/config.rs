@@ -477,6 +477,7 @@ impl Config {
             ("sync.window_batches", s.window_batches as u64),
             ("sync.heartbeat_ms", s.heartbeat_ms),
             ("sync.reconnect_max_ms", s.reconnect_max_ms),
+            ("sync.retain_entries_max", s.retain_entries_max),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1".into()));
@@ -634,6 +635,12 @@ mod tests {
             (
                 EXAMPLE.replace("addr = \"127.0.0.1:9101\"", "addr = \"nine\""),
                 "admin.addr",
+            ),
+            (
+                EXAMPLE
+                    .replace("# retain_entries_max = 10000000", "retain_entries_max = 0")
+                    .replace("# [sync]", "[sync]"),
+                "sync.retain_entries_max",
             ),
         ];
         for (text, key) in cases {

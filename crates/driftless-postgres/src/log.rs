@@ -203,7 +203,10 @@ impl<C: Clock> PostgresStore<C> {
                     .client
                     .query_opt(&stmt, &[&(policy.retain_entries_max as i64)])?
                 {
-                    target = target.max(row.get::<_, i64>(0) as u64);
+                    // (never the newest entry, even with a limit of 0)
+                    target = target
+                        .max(row.get::<_, i64>(0) as u64)
+                        .min(head.0.saturating_sub(1));
                 }
             }
             if target > floor.0 {

@@ -200,7 +200,8 @@ impl<C: Clock> SqliteStore<C> {
                         |r| r.get(0),
                     )
                     .map_err(db)?;
-                target = target.max(cut as u64);
+                // (never the newest entry, even with a limit of 0)
+                target = target.max(cut as u64).min(head.0.saturating_sub(1));
             }
             if target > floor.0 {
                 // Bounded per call (the write lock is held meanwhile): the floor moves up in

@@ -182,17 +182,9 @@ impl<C: Clock> PostgresStore<C> {
                 .into_iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect();
-            let min_acked = peers
-                .iter()
-                .map(|(_, a)| *a as u64)
-                .filter(|a| *a >= floor.0)
-                .min()
-                .unwrap_or(head.0);
-            let mut target = min_acked
-                .min(head.0.saturating_sub(policy.retain_entries_min))
-                .min(head.0.saturating_sub(1));
             // Entries above the floor are at most head - floor; count them exactly only when
             // that bound exceeds the limit (a count of a large log is a scan).
+            let mut retention_cut = None;
             if head.0.saturating_sub(floor.0) > policy.retain_entries_max {
                 let sql = format!(
                     "SELECT seq FROM {}.log ORDER BY seq DESC LIMIT 1 OFFSET $1",
@@ -203,12 +195,17 @@ impl<C: Clock> PostgresStore<C> {
                     .client
                     .query_opt(&stmt, &[&(policy.retain_entries_max as i64)])?
                 {
-                    // (never the newest entry, even with a limit of 0)
-                    target = target
-                        .max(row.get::<_, i64>(0) as u64)
-                        .min(head.0.saturating_sub(1));
+                    retention_cut = Some(LogSeq(row.get::<_, i64>(0) as u64));
                 }
             }
+            let mut target = policy
+                .retire_through(
+                    head,
+                    floor,
+                    peers.iter().map(|(_, a)| LogSeq(*a as u64)),
+                    retention_cut,
+                )
+                .0;
             if target > floor.0 {
                 // Bounded per call: the floor moves up at most `retire_entries_max` entries.
                 let step_sql = format!(
@@ -230,8 +227,7 @@ impl<C: Clock> PostgresStore<C> {
                     .meta
                     .set_i64(&mut store.client, "log_floor", target as i64)?;
                 for (peer, acked) in &peers {
-                    if (*acked as u64) < target
-                        && (*acked as u64) >= floor.0
+                    if driftless_store::left_behind(LogSeq(*acked as u64), floor, LogSeq(target))
                         && let Ok(bytes) = <[u8; 16]>::try_from(peer.as_slice())
                     {
                         report

@@ -178,20 +178,11 @@ impl<C: Clock> SqliteStore<C> {
                 let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db)?;
                 rows.collect::<Result<_, _>>().map_err(db)?
             };
-            let min_acked = peers
-                .iter()
-                .map(|(_, a)| *a as u64)
-                .filter(|a| *a >= floor.0)
-                .min()
-                .unwrap_or(head.0);
-            let mut target = min_acked
-                .min(head.0.saturating_sub(policy.retain_entries_min))
-                .min(head.0.saturating_sub(1));
             let count: i64 = store
                 .conn
                 .query_row("SELECT count(*) FROM _driftless_log", [], |r| r.get(0))
                 .map_err(db)?;
-            if count as u64 > policy.retain_entries_max {
+            let retention_cut = if count as u64 > policy.retain_entries_max {
                 let cut: i64 = store
                     .conn
                     .query_row(
@@ -200,9 +191,18 @@ impl<C: Clock> SqliteStore<C> {
                         |r| r.get(0),
                     )
                     .map_err(db)?;
-                // (never the newest entry, even with a limit of 0)
-                target = target.max(cut as u64).min(head.0.saturating_sub(1));
-            }
+                Some(LogSeq(cut as u64))
+            } else {
+                None
+            };
+            let mut target = policy
+                .retire_through(
+                    head,
+                    floor,
+                    peers.iter().map(|(_, a)| LogSeq(*a as u64)),
+                    retention_cut,
+                )
+                .0;
             if target > floor.0 {
                 // Bounded per call (the write lock is held meanwhile): the floor moves up in
                 // steps of at most `retire_entries_max` entries; the next call continues.
@@ -224,7 +224,7 @@ impl<C: Clock> SqliteStore<C> {
                     .map_err(db)?;
                 meta::set(&store.conn, "log_floor", target as i64).map_err(db)?;
                 for (peer, acked) in &peers {
-                    if (*acked as u64) < target && (*acked as u64) >= floor.0
+                    if driftless_store::left_behind(LogSeq(*acked as u64), floor, LogSeq(target))
                         && let Ok(bytes) = <[u8; 16]>::try_from(peer.as_slice()) {
                             report.peers_marked_for_bootstrap.push(NodeId::from_bytes(bytes));
                         }

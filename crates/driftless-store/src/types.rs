@@ -223,6 +223,44 @@ impl Default for CompactionPolicy {
     }
 }
 
+impl CompactionPolicy {
+    /// How far retirement may move the log's floor (entries up to and including the result are
+    /// dropped), before the per-call bound of `retire_entries_max`. Every adapter uses this, so
+    /// they all keep the same entries:
+    /// - entries some known peer has not acknowledged stay (peers already below the floor are
+    ///   waiting for a snapshot and hold nothing back);
+    /// - the newest `retain_entries_min` entries stay;
+    /// - unless the log holds more than `retain_entries_max` entries: `retention_cut`, the
+    ///   sequence number that many entries below the newest, is dropped regardless (and the
+    ///   peers left behind re-bootstrap);
+    /// - the newest entry always stays, so the head never moves back (a peer's cursor beyond
+    ///   our head then means a restored backup).
+    pub fn retire_through(
+        &self,
+        head: LogSeq,
+        floor: LogSeq,
+        acked: impl IntoIterator<Item = LogSeq>,
+        retention_cut: Option<LogSeq>,
+    ) -> LogSeq {
+        let min_acked = acked
+            .into_iter()
+            .filter(|a| *a >= floor)
+            .min()
+            .unwrap_or(head);
+        let kept = min_acked
+            .0
+            .min(head.0.saturating_sub(self.retain_entries_min));
+        let forced = retention_cut.map_or(kept, |cut| kept.max(cut.0));
+        LogSeq(forced.min(head.0.saturating_sub(1)))
+    }
+}
+
+/// Whether a peer that had acknowledged `acked` must be re-bootstrapped after the floor moved
+/// from `floor_before` to `floor_after` (entries it had not applied were dropped).
+pub fn left_behind(acked: LogSeq, floor_before: LogSeq, floor_after: LogSeq) -> bool {
+    acked < floor_after && acked >= floor_before
+}
+
 /// What one compaction call did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CompactionReport {
@@ -325,4 +363,62 @@ pub struct VerifyReport {
     pub adopted: usize,
     /// Resume after this key; `None` when the table is done.
     pub next: Option<PrimaryKey>,
+}
+
+#[cfg(test)]
+mod compaction_tests {
+    use super::*;
+
+    fn policy(min: u64, max: u64) -> CompactionPolicy {
+        CompactionPolicy {
+            retain_entries_min: min,
+            retain_entries_max: max,
+            ..CompactionPolicy::default()
+        }
+    }
+
+    #[test]
+    fn retirement_keeps_what_peers_lack_the_recent_entries_and_always_the_newest() {
+        let (head, floor) = (LogSeq(100), LogSeq(10));
+        // the slowest peer above the floor decides; one already below the floor does not
+        let acked = [LogSeq(60), LogSeq(80), LogSeq(5)];
+        assert_eq!(
+            policy(0, 1_000).retire_through(head, floor, acked, None),
+            LogSeq(60)
+        );
+        // the newest 30 entries stay even when everyone has them
+        assert_eq!(
+            policy(30, 1_000).retire_through(head, floor, [LogSeq(100)], None),
+            LogSeq(70)
+        );
+        // no peers at all: only the retention minimum holds entries back
+        assert_eq!(
+            policy(30, 1_000).retire_through(head, floor, [], None),
+            LogSeq(70)
+        );
+        // over the limit: the cut is dropped even though a peer lacks it
+        assert_eq!(
+            policy(0, 20).retire_through(head, floor, acked, Some(LogSeq(80))),
+            LogSeq(80)
+        );
+        // the newest entry stays whatever the policy says
+        assert_eq!(
+            policy(0, 0).retire_through(head, floor, [LogSeq(100)], Some(LogSeq(100))),
+            LogSeq(99)
+        );
+        assert_eq!(
+            policy(0, 0).retire_through(LogSeq(0), LogSeq(0), [], None),
+            LogSeq(0)
+        );
+    }
+
+    #[test]
+    fn only_peers_between_the_old_and_new_floor_are_left_behind() {
+        let (before, after) = (LogSeq(10), LogSeq(50));
+        assert!(left_behind(LogSeq(10), before, after));
+        assert!(left_behind(LogSeq(49), before, after));
+        assert!(!left_behind(LogSeq(50), before, after));
+        // already below the old floor: marked by an earlier call
+        assert!(!left_behind(LogSeq(9), before, after));
+    }
 }

@@ -8,12 +8,9 @@ use crate::schema::{OP_INSERT, Synced};
 use crate::store::{Error, PostgresStore};
 use crate::types::{WireValue, key_to_wire, read_wire};
 use driftless_core::codec::decode_row_state;
-use driftless_core::{
-    Change, Clock, ColumnName, ConflictRecord, ConflictRule, ConflictSide, NodeId, PrimaryKey,
-    RowState, TableName, Value,
-};
+use driftless_core::{Change, Clock, NodeId, PrimaryKey, RowState, TableName};
 use driftless_store::fingerprint::{FINE_BITS, FINE_PER_TOP, TOP_BITS, TOP_BUCKETS};
-use driftless_store::{ApplyReport, CaptureReport, StoreError, VerifyReport};
+use driftless_store::{ApplyReport, CaptureReport, StoreError, VerifyReport, capture};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use std::sync::Arc;
@@ -335,52 +332,18 @@ impl<C: Clock> PostgresStore<C> {
             return Ok(());
         }
         let visible = state.visible();
-        let mut differs: Vec<(ColumnName, Option<Value>, Option<Value>)> = Vec::new();
-        match (&visible, &row) {
-            (None, None) => {}
-            (Some(v), Some(r)) => {
-                for (i, (column, value)) in r.iter().enumerate() {
-                    let held = v.get(column).unwrap_or(&Value::Null);
-                    if !self.shows(&synced.values[i], value, held)? {
-                        differs.push((column.clone(), v.get(column).cloned(), Some(value.clone())));
-                    }
-                }
-            }
-            (Some(v), None) => differs.extend(
-                v.iter()
-                    .map(|(c, value)| (c.clone(), Some(value.clone()), None)),
-            ),
-            (None, Some(r)) => differs.extend(
-                r.iter()
-                    .map(|(c, value)| (c.clone(), None, Some(value.clone()))),
-            ),
-        }
-        let row_missing_or_extra = visible.is_some() != row.is_some();
-        if differs.is_empty() && !row_missing_or_extra {
+        let Some(differs) = capture::drift(visible.as_ref(), row.as_deref(), |i, table, held| {
+            self.shows(&synced.values[i], table, held)
+        })?
+        else {
             return Ok(());
-        }
+        };
         if !repair {
             report.restored += 1;
             return Ok(());
         }
         let version = state.version().expect("checked above");
-        let conflicts: Vec<ConflictRecord> = differs
-            .into_iter()
-            .map(|(column, winner, loser)| ConflictRecord {
-                table: table.clone(),
-                key: key.clone(),
-                column,
-                rule: ConflictRule::Drift,
-                winner: ConflictSide {
-                    version,
-                    value: winner,
-                },
-                loser: ConflictSide {
-                    version,
-                    value: loser,
-                },
-            })
-            .collect();
+        let conflicts = capture::drift_conflicts(table, key, version, differs);
         self.record_conflicts(&conflicts)?;
         let write = RowWrite {
             key: key.clone(),

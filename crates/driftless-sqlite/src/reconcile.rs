@@ -4,12 +4,9 @@
 use crate::rowio::{key_part_from_sql, load_state, read_user_row, write_user_row};
 use crate::schema::{OP_INSERT, Synced, db, quote_ident};
 use crate::store::SqliteStore;
-use driftless_core::{
-    Change, Clock, ColumnName, ConflictRecord, ConflictRule, ConflictSide, NodeId, PrimaryKey,
-    TableName, Value,
-};
+use driftless_core::{Change, Clock, NodeId, PrimaryKey, TableName, Value};
 use driftless_store::fingerprint::{FINE_PER_TOP, TOP_BUCKETS};
-use driftless_store::{ApplyReport, CaptureReport, StoreError, VerifyReport};
+use driftless_store::{ApplyReport, CaptureReport, StoreError, VerifyReport, capture};
 use rusqlite::params;
 use std::sync::Arc;
 
@@ -311,48 +308,18 @@ impl<C: Clock> SqliteStore<C> {
             return Ok(());
         }
         let visible = state.visible();
-        let differs: Vec<(ColumnName, Option<Value>, Option<Value>)> = match (&visible, &row) {
-            (None, None) => Vec::new(),
-            (Some(v), Some(r)) => r
-                .iter()
-                .filter(|(c, value)| v.get(c).unwrap_or(&Value::Null) != value)
-                .map(|(c, value)| (c.clone(), v.get(c).cloned(), Some(value.clone())))
-                .collect(),
-            (Some(v), None) => v
-                .iter()
-                .map(|(c, value)| (c.clone(), Some(value.clone()), None))
-                .collect(),
-            (None, Some(r)) => r
-                .iter()
-                .map(|(c, value)| (c.clone(), None, Some(value.clone())))
-                .collect(),
-        };
-        let row_missing_or_extra = visible.is_some() != row.is_some();
-        if differs.is_empty() && !row_missing_or_extra {
+        let Some(differs) = capture::drift(visible.as_ref(), row.as_deref(), |_, table, held| {
+            Ok::<_, StoreError>(table == held)
+        })?
+        else {
             return Ok(());
-        }
+        };
         if !repair {
             report.restored += 1;
             return Ok(());
         }
         let version = state.version().expect("checked above");
-        let conflicts: Vec<ConflictRecord> = differs
-            .into_iter()
-            .map(|(column, winner, loser)| ConflictRecord {
-                table: table.clone(),
-                key: key.clone(),
-                column,
-                rule: ConflictRule::Drift,
-                winner: ConflictSide {
-                    version,
-                    value: winner,
-                },
-                loser: ConflictSide {
-                    version,
-                    value: loser,
-                },
-            })
-            .collect();
+        let conflicts = capture::drift_conflicts(table, key, version, differs);
         self.record_conflicts(&conflicts)?;
         write_user_row(&self.conn, synced, key, visible.as_ref(), false).map_err(|reason| {
             StoreError::Schema {

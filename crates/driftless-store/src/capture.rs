@@ -97,3 +97,120 @@ pub fn matches_row(state: &RowState, row: Option<&[(ColumnName, Value)]>) -> boo
         _ => false,
     }
 }
+
+/// One cell where a table disagrees with its row's merge state: the state's value and the
+/// table's (`None` where the row is missing on that side).
+pub type DriftCell = (ColumnName, Option<Value>, Option<Value>);
+
+/// How a table row differs from what its merge state shows (the local check's rule, see
+/// docs/reconciliation.md): `None` when they agree, otherwise the differing cells (empty when
+/// only the row's existence differs and it has no value columns). `same(i, table, state)` says
+/// whether the table's value of column `i` shows the state's value; an adapter whose column
+/// types have several spellings of one value (PostgreSQL) compares its own way.
+pub fn drift<E>(
+    visible: Option<&std::collections::BTreeMap<ColumnName, Value>>,
+    row: Option<&[(ColumnName, Value)]>,
+    mut same: impl FnMut(usize, &Value, &Value) -> Result<bool, E>,
+) -> Result<Option<Vec<DriftCell>>, E> {
+    let differs: Vec<DriftCell> = match (visible, row) {
+        (None, None) => return Ok(None),
+        (Some(v), Some(r)) => {
+            let mut out = Vec::new();
+            for (i, (column, value)) in r.iter().enumerate() {
+                let held = v.get(column).unwrap_or(&Value::Null);
+                if !same(i, value, held)? {
+                    out.push((column.clone(), v.get(column).cloned(), Some(value.clone())));
+                }
+            }
+            if out.is_empty() {
+                return Ok(None);
+            }
+            out
+        }
+        (Some(v), None) => v
+            .iter()
+            .map(|(c, value)| (c.clone(), Some(value.clone()), None))
+            .collect(),
+        (None, Some(r)) => r
+            .iter()
+            .map(|(c, value)| (c.clone(), None, Some(value.clone())))
+            .collect(),
+    };
+    Ok(Some(differs))
+}
+
+/// The conflict-ledger entries of restoring a drifted row from its merge state: rule `drift`,
+/// the state's value wins, the table's loses, both under the state's version.
+pub fn drift_conflicts(
+    table: &driftless_core::TableName,
+    key: &PrimaryKey,
+    version: Version,
+    cells: Vec<DriftCell>,
+) -> Vec<driftless_core::ConflictRecord> {
+    cells
+        .into_iter()
+        .map(|(column, winner, loser)| driftless_core::ConflictRecord {
+            table: table.clone(),
+            key: key.clone(),
+            column,
+            rule: driftless_core::ConflictRule::Drift,
+            winner: driftless_core::ConflictSide {
+                version,
+                value: winner,
+            },
+            loser: driftless_core::ConflictSide {
+                version,
+                value: loser,
+            },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn col(name: &str) -> ColumnName {
+        ColumnName::new(name).unwrap()
+    }
+
+    #[test]
+    fn drift_names_each_differing_cell_and_a_row_present_on_one_side_only() {
+        let exact = |_: usize, a: &Value, b: &Value| Ok::<_, ()>(a == b);
+        let state: BTreeMap<ColumnName, Value> = [
+            (col("a"), Value::Integer(1)),
+            (col("b"), Value::Text("x".into())),
+        ]
+        .into();
+        let same_row = vec![
+            (col("a"), Value::Integer(1)),
+            (col("b"), Value::Text("x".into())),
+        ];
+        assert_eq!(drift(Some(&state), Some(&same_row), exact), Ok(None));
+        assert_eq!(drift(None, None, exact), Ok(None));
+        let edited = vec![
+            (col("a"), Value::Integer(2)),
+            (col("b"), Value::Text("x".into())),
+        ];
+        assert_eq!(
+            drift(Some(&state), Some(&edited), exact),
+            Ok(Some(vec![(
+                col("a"),
+                Some(Value::Integer(1)),
+                Some(Value::Integer(2))
+            )]))
+        );
+        // deleted behind our back: every state value is a differing cell
+        assert_eq!(drift(Some(&state), None, exact).unwrap().unwrap().len(), 2);
+        // inserted behind our back; and a key-only row (no value columns) still counts
+        assert_eq!(drift(None, Some(&edited), exact).unwrap().unwrap().len(), 2);
+        assert_eq!(
+            drift(Some(&BTreeMap::new()), None, exact),
+            Ok(Some(Vec::new()))
+        );
+        // the adapter's comparison decides (e.g. two spellings of one value)
+        let lenient = |_: usize, _: &Value, _: &Value| Ok::<_, ()>(true);
+        assert_eq!(drift(Some(&state), Some(&edited), lenient), Ok(None));
+    }
+}

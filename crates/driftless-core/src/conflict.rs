@@ -36,6 +36,20 @@ impl ConflictRule {
             ConflictRule::Drift => "drift",
         }
     }
+
+    /// The rule named by [`ConflictRule::as_str`], if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            ConflictRule::Lww,
+            ConflictRule::Priority,
+            ConflictRule::Max,
+            ConflictRule::Min,
+            ConflictRule::DeleteWins,
+            ConflictRule::Drift,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == name)
+    }
 }
 
 impl fmt::Display for ConflictRule {

@@ -1,33 +1,14 @@
 //! Operator-facing reads and actions: dead letters, the conflict ledger, per-table counts, and
 //! the `Store` trait implementation that ties the modules together.
 
-use crate::rowio::rule_from;
 use crate::store::{Error, PostgresStore};
-use driftless_core::codec::Decoder;
-use driftless_core::{
-    Change, Clock, ColumnName, ConflictRecord, ConflictSide, NodeId, PrimaryKey, TableName, Version,
-};
+use driftless_core::{Change, Clock, NodeId, PrimaryKey, TableName};
+use driftless_store::ledger::{ConflictRow, version_from};
 use driftless_store::{
     ApplyReport, CaptureReport, CompactionPolicy, CompactionReport, DeadLetter, DeadLetterId,
     LISTING_ROWS_MAX, LogPage, LogSeq, PeerLogState, SnapshotChunk, Store, StoreError,
     StoredConflict, TableSchema, TableStats, VerifyReport,
 };
-
-fn version_from(bytes: &[u8]) -> Result<Version, StoreError> {
-    Decoder::new(bytes)
-        .version()
-        .map_err(|e| StoreError::Corrupt(format!("stored version: {e}")))
-}
-
-fn value_from(bytes: Option<Vec<u8>>) -> Result<Option<driftless_core::Value>, StoreError> {
-    bytes
-        .map(|b| {
-            Decoder::new(&b)
-                .value()
-                .map_err(|e| StoreError::Corrupt(format!("stored value: {e}")))
-        })
-        .transpose()
-}
 
 impl<C: Clock> PostgresStore<C> {
     /// Runs a read-only operation on the connection (each statement sees the latest commits).
@@ -99,35 +80,21 @@ impl<C: Clock> PostgresStore<C> {
             .query(&stmt, &[&(limit.min(LISTING_ROWS_MAX) as i64)])?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let id: i64 = row.get(0);
-            let table: String = row.get(1);
-            let pk: Vec<u8> = row.get(2);
-            let column: String = row.get(3);
-            let rule: String = row.get(4);
-            let winner_version: Vec<u8> = row.get(5);
-            let winner_value: Option<Vec<u8>> = row.get(6);
-            let loser_version: Vec<u8> = row.get(7);
-            let loser_value: Option<Vec<u8>> = row.get(8);
-            let at_ms: i64 = row.get(9);
-            let corrupt = |e: String| StoreError::Corrupt(format!("conflict {id}: {e}"));
-            out.push(StoredConflict {
-                id,
-                record: ConflictRecord {
-                    table: TableName::new(&table).map_err(|e| corrupt(e.to_string()))?,
-                    key: PrimaryKey::from_bytes(&pk).map_err(|e| corrupt(e.to_string()))?,
-                    column: ColumnName::new(&column).map_err(|e| corrupt(e.to_string()))?,
-                    rule: rule_from(&rule)?,
-                    winner: ConflictSide {
-                        version: version_from(&winner_version)?,
-                        value: value_from(winner_value)?,
-                    },
-                    loser: ConflictSide {
-                        version: version_from(&loser_version)?,
-                        value: value_from(loser_value)?,
-                    },
-                },
-                at_ms: at_ms as u64,
-            });
+            out.push(
+                ConflictRow {
+                    id: row.get(0),
+                    table: row.get(1),
+                    pk: row.get(2),
+                    column: row.get(3),
+                    rule: row.get(4),
+                    winner_version: row.get(5),
+                    winner_value: row.get(6),
+                    loser_version: row.get(7),
+                    loser_value: row.get(8),
+                    at_ms: row.get(9),
+                }
+                .decode()?,
+            );
         }
         Ok(out)
     }

@@ -52,22 +52,6 @@ fn encode_value(value: &Option<Value>) -> Option<Vec<u8>> {
     })
 }
 
-pub(crate) fn rule_from(text: &str) -> Result<ConflictRule, StoreError> {
-    Ok(match text {
-        "lww" => ConflictRule::Lww,
-        "priority" => ConflictRule::Priority,
-        "max" => ConflictRule::Max,
-        "min" => ConflictRule::Min,
-        "delete_wins" => ConflictRule::DeleteWins,
-        "drift" => ConflictRule::Drift,
-        other => {
-            return Err(StoreError::Corrupt(format!(
-                "unknown conflict rule {other:?}"
-            )));
-        }
-    })
-}
-
 /// The key arrays of `keys` for `synced`'s bulk statements. Keys whose parts do not fit the key
 /// columns are left out and reported with their index.
 pub(crate) fn key_arrays(
@@ -581,7 +565,7 @@ impl<C: Clock> PostgresStore<C> {
                 let rule: String = row.get(1);
                 let table = TableName::new(&table)
                     .map_err(|e| StoreError::Corrupt(format!("conflict table: {e}")))?;
-                added.push((table, rule_from(&rule)?));
+                added.push((table, driftless_store::ledger::rule_from(&rule)?));
             }
         }
         Ok(added)

@@ -3,50 +3,13 @@
 
 use crate::schema::{db, quote_ident};
 use crate::store::SqliteStore;
-use driftless_core::codec::Decoder;
-use driftless_core::{
-    Change, Clock, ColumnName, ConflictRecord, ConflictRule, ConflictSide, NodeId, PrimaryKey,
-    TableName, Version,
-};
+use driftless_core::{Change, Clock, NodeId, PrimaryKey, TableName};
+use driftless_store::ledger::{ConflictRow, version_from};
 use driftless_store::{
     ApplyReport, CaptureReport, CompactionPolicy, CompactionReport, DeadLetter, DeadLetterId,
     LISTING_ROWS_MAX, LogPage, LogSeq, PeerLogState, SnapshotChunk, Store, StoreError,
     StoredConflict, TableSchema, TableStats,
 };
-
-fn version_from(bytes: &[u8]) -> Result<Version, StoreError> {
-    let mut d = Decoder::new(bytes);
-    let v = d
-        .version()
-        .map_err(|e| StoreError::Corrupt(format!("stored version: {e}")))?;
-    Ok(v)
-}
-
-fn value_from(bytes: Option<Vec<u8>>) -> Result<Option<driftless_core::Value>, StoreError> {
-    bytes
-        .map(|b| {
-            Decoder::new(&b)
-                .value()
-                .map_err(|e| StoreError::Corrupt(format!("stored value: {e}")))
-        })
-        .transpose()
-}
-
-fn rule_from(text: &str) -> Result<ConflictRule, StoreError> {
-    Ok(match text {
-        "lww" => ConflictRule::Lww,
-        "priority" => ConflictRule::Priority,
-        "max" => ConflictRule::Max,
-        "min" => ConflictRule::Min,
-        "delete_wins" => ConflictRule::DeleteWins,
-        "drift" => ConflictRule::Drift,
-        other => {
-            return Err(StoreError::Corrupt(format!(
-                "unknown conflict rule {other:?}"
-            )));
-        }
-    })
-}
 
 fn id_list(ids: Option<&[DeadLetterId]>) -> Option<String> {
     ids.map(|ids| {
@@ -131,56 +94,25 @@ impl<C: Clock> SqliteStore<C> {
                  FROM _driftless_conflicts ORDER BY id DESC LIMIT ?1",
             )
             .map_err(db)?;
-        type Row = (
-            i64,
-            String,
-            Vec<u8>,
-            String,
-            String,
-            Vec<u8>,
-            Option<Vec<u8>>,
-            Vec<u8>,
-            Option<Vec<u8>>,
-            i64,
-        );
         let rows = stmt
             .query_map([limit.min(LISTING_ROWS_MAX) as i64], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                    r.get(8)?,
-                    r.get(9)?,
-                ))
+                Ok(ConflictRow {
+                    id: r.get(0)?,
+                    table: r.get(1)?,
+                    pk: r.get(2)?,
+                    column: r.get(3)?,
+                    rule: r.get(4)?,
+                    winner_version: r.get(5)?,
+                    winner_value: r.get(6)?,
+                    loser_version: r.get(7)?,
+                    loser_value: r.get(8)?,
+                    at_ms: r.get(9)?,
+                })
             })
             .map_err(db)?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, table, pk, column, rule, wv, wval, lv, lval, at_ms): Row = row.map_err(db)?;
-            let corrupt = |e: String| StoreError::Corrupt(format!("conflict {id}: {e}"));
-            out.push(StoredConflict {
-                id,
-                record: ConflictRecord {
-                    table: TableName::new(&table).map_err(|e| corrupt(e.to_string()))?,
-                    key: PrimaryKey::from_bytes(&pk).map_err(|e| corrupt(e.to_string()))?,
-                    column: ColumnName::new(&column).map_err(|e| corrupt(e.to_string()))?,
-                    rule: rule_from(&rule)?,
-                    winner: ConflictSide {
-                        version: version_from(&wv)?,
-                        value: value_from(wval)?,
-                    },
-                    loser: ConflictSide {
-                        version: version_from(&lv)?,
-                        value: value_from(lval)?,
-                    },
-                },
-                at_ms: at_ms as u64,
-            });
+            out.push(row.map_err(db)?.decode()?);
         }
         Ok(out)
     }

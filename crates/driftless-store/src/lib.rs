@@ -8,6 +8,7 @@ pub mod capture;
 mod clock;
 pub mod digest;
 pub mod fingerprint;
+pub mod ledger;
 mod types;
 
 pub use clock::{SystemClock, random_node_id, random_u64, set_clock_skew_ms};

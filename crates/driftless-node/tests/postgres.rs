@@ -211,9 +211,9 @@ async fn a_postgres_hub_relays_between_sqlite_spokes() {
     assert!(!diff.found_differences(), "{diff:?}");
     with_pg(&url, |pg| {
         pg.batch_execute(
-            "ALTER TABLE items DISABLE TRIGGER driftless_capture_v1;
+            "ALTER TABLE items DISABLE TRIGGER driftless_capture_v2_upd;
              UPDATE items SET name = 'behind its back' WHERE id = 2;
-             ALTER TABLE items ENABLE TRIGGER driftless_capture_v1;",
+             ALTER TABLE items ENABLE TRIGGER driftless_capture_v2_upd;",
         )
         .unwrap()
     })

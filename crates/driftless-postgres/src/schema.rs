@@ -235,9 +235,16 @@ pub const OP_INSERT: i16 = 1;
 pub const OP_UPDATE: i16 = 2;
 pub const OP_DELETE: i16 = 3;
 
-/// Name of the capture trigger; the suffix changes when the trigger's shape changes, so an old
-/// one is replaced.
-pub const CAPTURE_TRIGGER: &str = "driftless_capture_v1";
+/// Names of the capture triggers (statement-level, one per operation); the version changes when
+/// their shape changes, so older ones are replaced (`driftless_capture_v1` was a row trigger).
+pub const CAPTURE_TRIGGERS: [(&str, &str); 3] = [
+    ("driftless_capture_v2_ins", "INSERT"),
+    ("driftless_capture_v2_upd", "UPDATE"),
+    ("driftless_capture_v2_del", "DELETE"),
+];
+/// The transition tables the capture triggers declare (`REFERENCING ... TABLE AS`).
+pub const NEW_ROWS: &str = "driftless_new_rows";
+pub const OLD_ROWS: &str = "driftless_old_rows";
 pub const TRUNCATE_TRIGGER: &str = "driftless_no_truncate_v1";
 /// The setting driftless's own transactions turn on (`SET LOCAL`) so the triggers skip them.
 pub const APPLYING_SETTING: &str = "driftless.applying";
@@ -474,40 +481,40 @@ fn order_collation(c: &PgColumn, expr: &str) -> String {
 /// key (as fixed text forms); values are read when the write is stamped.
 fn capture_function_body(id: i32, keys: &[PgColumn]) -> String {
     let targets: String = (0..keys.len()).map(|i| format!(", k{i}")).collect();
-    let of = |record: &str| -> String {
+    let of = |alias: &str| -> String {
         keys.iter()
             .map(|c| {
                 format!(
                     ", {}",
-                    c.kind.trigger_key_expr(&format!("{record}.{}", c.quoted))
+                    c.kind.trigger_key_expr(&format!("{alias}.{}", c.quoted))
                 )
             })
             .collect()
     };
-    let row = |record: &str| -> String {
-        keys.iter()
-            .map(|c| format!("{record}.{}", c.quoted))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let (new, old) = (of("NEW"), of("OLD"));
-    // `PENDING` is replaced by the qualified pending table when installed.
+    let same_key = keys
+        .iter()
+        .map(|c| format!("n.{q} = o.{q}", q = c.quoted))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let (new, old) = (of("n"), of("o"));
+    // `PENDING` is replaced by the qualified pending table when installed. One statement per
+    // user statement, over its transition tables: a 10,000-row INSERT records its keys with
+    // one INSERT ... SELECT instead of 10,000 trigger calls. An UPDATE that changed keys records
+    // the old keys that no new row has as deletes (a swap of two keys deletes nothing: both
+    // keys still exist, with new content).
     format!(
         "BEGIN
   IF TG_OP = 'INSERT' THEN
-    INSERT INTO PENDING (tbl, op{targets}) VALUES ({id}, {OP_INSERT}{new});
+    INSERT INTO PENDING (tbl, op{targets}) SELECT {id}, {OP_INSERT}{new} FROM {NEW_ROWS} AS n;
   ELSIF TG_OP = 'UPDATE' THEN
-    IF ROW({old_row}) IS DISTINCT FROM ROW({new_row}) THEN
-      INSERT INTO PENDING (tbl, op{targets}) VALUES ({id}, {OP_DELETE}{old});
-    END IF;
-    INSERT INTO PENDING (tbl, op{targets}) VALUES ({id}, {OP_UPDATE}{new});
+    INSERT INTO PENDING (tbl, op{targets}) SELECT {id}, {OP_DELETE}{old} FROM {OLD_ROWS} AS o
+      WHERE NOT EXISTS (SELECT 1 FROM {NEW_ROWS} AS n WHERE {same_key});
+    INSERT INTO PENDING (tbl, op{targets}) SELECT {id}, {OP_UPDATE}{new} FROM {NEW_ROWS} AS n;
   ELSE
-    INSERT INTO PENDING (tbl, op{targets}) VALUES ({id}, {OP_DELETE}{old});
+    INSERT INTO PENDING (tbl, op{targets}) SELECT {id}, {OP_DELETE}{old} FROM {OLD_ROWS} AS o;
   END IF;
   RETURN NULL;
-END",
-        old_row = row("OLD"),
-        new_row = row("NEW"),
+END"
     )
 }
 

@@ -4,8 +4,8 @@
 
 use crate::meta::{INSTALL_VERSION, Meta, install_sql};
 use crate::schema::{
-    APPLYING_SETTING, CAPTURE_TRIGGER, OP_INSERT, Synced, TRUNCATE_TRIGGER, dollar_quote,
-    introspect, quote_ident, quote_literal,
+    APPLYING_SETTING, CAPTURE_TRIGGERS, NEW_ROWS, OLD_ROWS, OP_INSERT, Synced, TRUNCATE_TRIGGER,
+    dollar_quote, introspect, quote_ident, quote_literal,
 };
 use driftless_core::{Clock, Hlc, NodeId, PrimaryKey, RowState, TableName, Timestamp};
 use driftless_store::{StoreError, SystemClock, TableConfig, TableSchema, random_node_id};
@@ -564,27 +564,35 @@ impl<C: Clock> PostgresStore<C> {
             "WHEN (pg_catalog.current_setting({}, true) IS DISTINCT FROM 'on')",
             quote_literal(APPLYING_SETTING)
         );
-        let wanted = [
-            (
-                CAPTURE_TRIGGER,
-                format!(
-                    "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW {when} \
-                     EXECUTE FUNCTION {function}()",
-                    quote_ident(CAPTURE_TRIGGER),
-                    table.qualified
-                ),
+        let mut wanted: Vec<(&str, String)> = CAPTURE_TRIGGERS
+            .iter()
+            .map(|(name, op)| {
+                let referencing = match *op {
+                    "INSERT" => format!("NEW TABLE AS {NEW_ROWS}"),
+                    "UPDATE" => format!("OLD TABLE AS {OLD_ROWS} NEW TABLE AS {NEW_ROWS}"),
+                    _ => format!("OLD TABLE AS {OLD_ROWS}"),
+                };
+                (
+                    *name,
+                    format!(
+                        "CREATE TRIGGER {} AFTER {op} ON {} REFERENCING {referencing} \
+                         FOR EACH STATEMENT {when} EXECUTE FUNCTION {function}()",
+                        quote_ident(name),
+                        table.qualified
+                    ),
+                )
+            })
+            .collect();
+        wanted.push((
+            TRUNCATE_TRIGGER,
+            format!(
+                "CREATE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT {when} \
+                 EXECUTE FUNCTION {}.refuse_truncate()",
+                quote_ident(TRUNCATE_TRIGGER),
+                table.qualified,
+                self.ds
             ),
-            (
-                TRUNCATE_TRIGGER,
-                format!(
-                    "CREATE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT {when} \
-                     EXECUTE FUNCTION {}.refuse_truncate()",
-                    quote_ident(TRUNCATE_TRIGGER),
-                    table.qualified,
-                    self.ds
-                ),
-            ),
-        ];
+        ));
         for (name, _) in &triggers {
             if !wanted.iter().any(|(w, _)| w == name) {
                 // an older version of driftless's trigger

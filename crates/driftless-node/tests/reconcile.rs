@@ -338,3 +338,51 @@ async fn a_repair_never_overwrites_a_newer_concurrent_write() {
     p.edge.stop().await.unwrap();
     p.hub.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_local_check_reports_its_progress_while_it_runs() {
+    let mut p = pair().await;
+    // enough rows that the local check takes many chunks of 5,000 on each side
+    p.hub.sql(
+        "WITH RECURSIVE g(i) AS (SELECT 1000 UNION ALL SELECT i + 1 FROM g WHERE i < 60999)
+         INSERT INTO items SELECT i, 'bulk ' || i, i, 1 FROM g;",
+    );
+    converge(&[&p.hub, &p.edge]).await;
+    let admin = p.edge.admin;
+    let run =
+        tokio::spawn(async move { request_reconcile_with(admin, "hub", None, local(false)).await });
+    let mut seen = Vec::new();
+    while !run.is_finished() {
+        if let Ok(Some(progress)) = driftless_node::ops::fetch_reconcile_progress(admin).await {
+            seen.push(progress);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let report = run.await.unwrap().unwrap();
+    assert!(!report.found_differences(), "{report:?}");
+    let local: Vec<_> = seen
+        .iter()
+        .filter(|p| p.phase == "local check, both sides")
+        .collect();
+    assert!(!local.is_empty(), "no local-check progress seen: {seen:?}");
+    for progress in &local {
+        assert_eq!(
+            (progress.peer.as_str(), progress.table.as_str()),
+            ("hub", "items")
+        );
+        assert!(progress.done <= progress.total, "{progress:?}");
+        assert_eq!(progress.tables_total, 1);
+    }
+    // it moved, and the total is about both sides' rows (60,200 each)
+    assert!(local.iter().any(|p| p.done > 0), "{local:?}");
+    assert!(local.iter().all(|p| p.total >= 120_400), "{local:?}");
+    // and nothing is shown once the run is over
+    assert_eq!(
+        driftless_node::ops::fetch_reconcile_progress(admin)
+            .await
+            .unwrap(),
+        None
+    );
+    p.edge.stop().await.unwrap();
+    p.hub.stop().await.unwrap();
+}

@@ -244,6 +244,8 @@ pub const CAPTURE_TRIGGERS: [(&str, &str); 3] = [
 ];
 /// The transition tables the capture triggers declare (`REFERENCING ... TABLE AS`).
 pub const NEW_ROWS: &str = "driftless_new_rows";
+/// The row-level capture trigger, kept for partitioned tables.
+pub const ROW_CAPTURE_TRIGGER: &str = "driftless_capture_v1";
 pub const OLD_ROWS: &str = "driftless_old_rows";
 pub const TRUNCATE_TRIGGER: &str = "driftless_no_truncate_v1";
 /// The setting driftless's own transactions turn on (`SET LOCAL`) so the triggers skip them.
@@ -277,6 +279,8 @@ pub struct Synced {
     /// The capture function body and the statements installing it.
     pub function_name: String,
     pub function_body: String,
+    /// The same for a partitioned table (row-level; see `row_capture_function_body`).
+    pub row_function_body: String,
 }
 
 impl Synced {
@@ -353,6 +357,7 @@ impl Synced {
         );
         let function_name = format!("capture_{id}");
         let function_body = capture_function_body(id, &keys);
+        let row_function_body = row_capture_function_body(id, &keys);
         Synced {
             id,
             schema,
@@ -368,6 +373,7 @@ impl Synced {
             keys_from_start,
             function_name,
             function_body,
+            row_function_body,
         }
     }
 
@@ -515,6 +521,48 @@ fn capture_function_body(id: i32, keys: &[PgColumn]) -> String {
   END IF;
   RETURN NULL;
 END"
+    )
+}
+
+/// The row-level variant, for partitioned tables: a statement trigger on a partitioned table
+/// does not fire for statements that name one of its partitions, while a row trigger is cloned
+/// onto every partition (present and future), so writes straight into a partition are captured.
+fn row_capture_function_body(id: i32, keys: &[PgColumn]) -> String {
+    let targets: String = (0..keys.len()).map(|i| format!(", k{i}")).collect();
+    let of = |record: &str| -> String {
+        keys.iter()
+            .map(|c| {
+                format!(
+                    ", {}",
+                    c.kind.trigger_key_expr(&format!("{record}.{}", c.quoted))
+                )
+            })
+            .collect()
+    };
+    let row = |record: &str| -> String {
+        keys.iter()
+            .map(|c| format!("{record}.{}", c.quoted))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (new, old) = (of("NEW"), of("OLD"));
+    // `PENDING` is replaced by the qualified pending table when installed.
+    format!(
+        "BEGIN
+  IF TG_OP = 'INSERT' THEN
+    INSERT INTO PENDING (tbl, op{targets}) VALUES ({id}, {OP_INSERT}{new});
+  ELSIF TG_OP = 'UPDATE' THEN
+    IF ROW({old_row}) IS DISTINCT FROM ROW({new_row}) THEN
+      INSERT INTO PENDING (tbl, op{targets}) VALUES ({id}, {OP_DELETE}{old});
+    END IF;
+    INSERT INTO PENDING (tbl, op{targets}) VALUES ({id}, {OP_UPDATE}{new});
+  ELSE
+    INSERT INTO PENDING (tbl, op{targets}) VALUES ({id}, {OP_DELETE}{old});
+  END IF;
+  RETURN NULL;
+END",
+        old_row = row("OLD"),
+        new_row = row("NEW"),
     )
 }
 

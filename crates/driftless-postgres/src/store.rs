@@ -4,8 +4,8 @@
 
 use crate::meta::{INSTALL_VERSION, Meta, install_sql};
 use crate::schema::{
-    APPLYING_SETTING, CAPTURE_TRIGGERS, NEW_ROWS, OLD_ROWS, OP_INSERT, Synced, TRUNCATE_TRIGGER,
-    dollar_quote, introspect, quote_ident, quote_literal,
+    APPLYING_SETTING, CAPTURE_TRIGGERS, NEW_ROWS, OLD_ROWS, OP_INSERT, ROW_CAPTURE_TRIGGER, Synced,
+    TRUNCATE_TRIGGER, dollar_quote, introspect, quote_ident, quote_literal,
 };
 use driftless_core::{Clock, Hlc, NodeId, PrimaryKey, RowState, TableName, Timestamp};
 use driftless_store::{StoreError, SystemClock, TableConfig, TableSchema, random_node_id};
@@ -527,9 +527,20 @@ impl<C: Clock> PostgresStore<C> {
     /// Installs the capture function and triggers unless exactly these are already installed
     /// (replacing a trigger takes a lock that blocks the table's writers).
     fn install_triggers(&mut self, table: &Synced) -> Result<(), Error> {
-        let body = table
-            .function_body
-            .replace("PENDING", &format!("{}.pending", self.ds));
+        let relkind: String = self
+            .client
+            .query_one(
+                "SELECT relkind::pg_catalog.text FROM pg_catalog.pg_class WHERE oid = $1",
+                &[&table.oid],
+            )?
+            .get(0);
+        let partitioned = relkind == "p";
+        let body = if partitioned {
+            &table.row_function_body
+        } else {
+            &table.function_body
+        }
+        .replace("PENDING", &format!("{}.pending", self.ds));
         let function = format!("{}.{}", self.ds, quote_ident(&table.function_name));
         let existing: Option<String> = self
             .client
@@ -564,25 +575,37 @@ impl<C: Clock> PostgresStore<C> {
             "WHEN (pg_catalog.current_setting({}, true) IS DISTINCT FROM 'on')",
             quote_literal(APPLYING_SETTING)
         );
-        let mut wanted: Vec<(&str, String)> = CAPTURE_TRIGGERS
-            .iter()
-            .map(|(name, op)| {
-                let referencing = match *op {
-                    "INSERT" => format!("NEW TABLE AS {NEW_ROWS}"),
-                    "UPDATE" => format!("OLD TABLE AS {OLD_ROWS} NEW TABLE AS {NEW_ROWS}"),
-                    _ => format!("OLD TABLE AS {OLD_ROWS}"),
-                };
-                (
-                    *name,
-                    format!(
-                        "CREATE TRIGGER {} AFTER {op} ON {} REFERENCING {referencing} \
+        let mut wanted: Vec<(&str, String)> = if partitioned {
+            vec![(
+                ROW_CAPTURE_TRIGGER,
+                format!(
+                    "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW {when} \
+                     EXECUTE FUNCTION {function}()",
+                    quote_ident(ROW_CAPTURE_TRIGGER),
+                    table.qualified
+                ),
+            )]
+        } else {
+            CAPTURE_TRIGGERS
+                .iter()
+                .map(|(name, op)| {
+                    let referencing = match *op {
+                        "INSERT" => format!("NEW TABLE AS {NEW_ROWS}"),
+                        "UPDATE" => format!("OLD TABLE AS {OLD_ROWS} NEW TABLE AS {NEW_ROWS}"),
+                        _ => format!("OLD TABLE AS {OLD_ROWS}"),
+                    };
+                    (
+                        *name,
+                        format!(
+                            "CREATE TRIGGER {} AFTER {op} ON {} REFERENCING {referencing} \
                          FOR EACH STATEMENT {when} EXECUTE FUNCTION {function}()",
-                        quote_ident(name),
-                        table.qualified
-                    ),
-                )
-            })
-            .collect();
+                            quote_ident(name),
+                            table.qualified
+                        ),
+                    )
+                })
+                .collect()
+        };
         wanted.push((
             TRUNCATE_TRIGGER,
             format!(

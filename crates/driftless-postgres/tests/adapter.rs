@@ -778,3 +778,33 @@ fn every_kind_of_multi_row_statement_is_captured_once_per_row() {
     // driftless's own applies at b were not captured as b's writes
     assert!(b.capture(10_000).unwrap().changes.is_empty());
 }
+
+#[test]
+fn writes_straight_into_a_partition_of_a_partitioned_table_are_captured() {
+    let Some(dbs) = databases("partitions", 2) else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let partitioned = "CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, name text, qty bigint)
+                         PARTITION BY RANGE (id);
+                       CREATE TABLE IF NOT EXISTS items_low PARTITION OF items FOR VALUES FROM (MINVALUE) TO (1000);
+                       CREATE TABLE IF NOT EXISTS items_high PARTITION OF items FOR VALUES FROM (1000) TO (5000);";
+    let (mut a, mut ca) = open(&dbs[0], 1, &clock, partitioned);
+    let (mut b, mut cb) = open(&dbs[1], 2, &clock, DDL);
+    for sql in [
+        "INSERT INTO items SELECT g, 'row ' || g, g FROM generate_series(990, 1010) AS g",
+        // statements that name a partition, not the partitioned table
+        "INSERT INTO items_low VALUES (1, 'straight into a partition', 1)",
+        "UPDATE items_high SET qty = -1 WHERE id > 1005",
+        "DELETE FROM items_low WHERE id BETWEEN 990 AND 992",
+        // a partition created after driftless was installed
+        "CREATE TABLE items_top PARTITION OF items FOR VALUES FROM (5000) TO (6000);
+         INSERT INTO items_top VALUES (5500, 'into a new partition', 5)",
+    ] {
+        ca.batch_execute(sql).unwrap();
+        clock.advance(1);
+        a.capture(10_000).unwrap();
+        sync(&mut a, &mut b);
+        assert_eq!(rows(&mut cb), rows(&mut ca), "after {sql}");
+    }
+}

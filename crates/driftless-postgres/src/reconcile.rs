@@ -196,16 +196,9 @@ impl<C: Clock> PostgresStore<C> {
             // Pending local writes are not drift: stamp them first.
             store.capture_all_in_tx(&mut captured)?;
             let (user_keys, full) = store.user_keys_after(&synced, after, limit)?;
-            let upper = if full {
-                user_keys.last().cloned()
-            } else {
-                None
-            };
+            let upper = capture::chunk_end(&user_keys, full);
             let state_keys = store.state_keys_between(table, after, upper.as_ref())?;
-            let mut keys: Vec<PrimaryKey> = user_keys;
-            keys.extend(state_keys);
-            keys.sort();
-            keys.dedup();
+            let keys = capture::chunk_keys(user_keys, state_keys);
             let ids: Vec<(TableName, PrimaryKey)> =
                 keys.iter().map(|k| (table.clone(), k.clone())).collect();
             store.load_states(&ids)?;

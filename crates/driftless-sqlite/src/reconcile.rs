@@ -183,15 +183,9 @@ impl<C: Clock> SqliteStore<C> {
             // Pending local writes are not drift: stamp them first.
             store.capture_all_in_tx(&mut captured)?;
             let user_keys = store.user_keys_after(&synced, after, limit)?;
-            let upper = (user_keys.len() == limit)
-                .then(|| user_keys.last().cloned())
-                .flatten();
+            let upper = capture::chunk_end(&user_keys, user_keys.len() == limit);
             let state_keys = store.state_keys_between(table, after, upper.as_ref())?;
-            // merge-join the two sorted key lists
-            let mut keys: Vec<PrimaryKey> = user_keys;
-            keys.extend(state_keys);
-            keys.sort();
-            keys.dedup();
+            let keys = capture::chunk_keys(user_keys, state_keys);
             for key in &keys {
                 report.checked += 1;
                 store.verify_row(&synced, key, repair, &mut report)?;

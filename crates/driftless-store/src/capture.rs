@@ -166,6 +166,27 @@ pub fn drift_conflicts(
         .collect()
 }
 
+/// The local check walks a table in chunks of the user table's keys (in key byte order). A
+/// chunk that came back full ends at its last key (more may follow); a short one runs to the end
+/// of the table. Returns where the next chunk starts (`None`: the table is done).
+pub fn chunk_end(user_keys: &[PrimaryKey], full: bool) -> Option<PrimaryKey> {
+    if full {
+        user_keys.last().cloned()
+    } else {
+        None
+    }
+}
+
+/// The keys a chunk checks: its user-table keys and every merge state's key in the same range
+/// (a row deleted behind driftless's back has a state and no row), sorted, each once.
+pub fn chunk_keys(user_keys: Vec<PrimaryKey>, state_keys: Vec<PrimaryKey>) -> Vec<PrimaryKey> {
+    let mut keys = user_keys;
+    keys.extend(state_keys);
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +233,17 @@ mod tests {
         // the adapter's comparison decides (e.g. two spellings of one value)
         let lenient = |_: usize, _: &Value, _: &Value| Ok::<_, ()>(true);
         assert_eq!(drift(Some(&state), Some(&edited), lenient), Ok(None));
+    }
+
+    #[test]
+    fn a_chunk_ends_at_its_last_key_only_when_full_and_checks_each_key_once() {
+        let k = PrimaryKey::integer;
+        assert_eq!(chunk_end(&[k(1), k(5)], true), Some(k(5)));
+        assert_eq!(chunk_end(&[k(1), k(5)], false), None);
+        assert_eq!(chunk_end(&[], true), None);
+        assert_eq!(
+            chunk_keys(vec![k(1), k(5)], vec![k(3), k(5), k(1)]),
+            vec![k(1), k(3), k(5)]
+        );
     }
 }

@@ -113,10 +113,27 @@ impl<C: Clock> SqliteStore<C> {
         // WAL: readers never block the writer. synchronous=NORMAL in WAL mode survives process
         // crashes (SIGKILL) with no loss; on power loss the last commits may roll back, but data
         // and cursors always roll back together.
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-        )
-        .map_err(|e| install_error(db(e)))?;
+        //
+        // Switching to WAL needs the file to itself and, unlike other statements, fails at once
+        // with SQLITE_BUSY instead of waiting for the busy timeout. An application writing
+        // while the node starts (in rollback-journal mode, before any node ever switched the
+        // file) would make the node fail to start, so the switch is retried for as long as the
+        // busy timeout allows.
+        let started = std::time::Instant::now();
+        loop {
+            match conn.execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+            ) {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && started.elapsed() < options.busy_timeout =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(install_error(db(e))),
+            }
+        }
         let mut store = SqliteStore {
             conn,
             node: NodeId::default(),

@@ -557,3 +557,30 @@ fn rows_removed_by_insert_or_replace_through_a_unique_conflict_are_captured_as_d
     let (_a, client) = open(&dir.path().join("a.db"), 1, &clock, DDL);
     assert_eq!(guards(&client), 0);
 }
+
+#[test]
+fn a_store_opens_while_an_application_is_writing_to_a_fresh_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.db");
+    Connection::open(&path).unwrap().execute_batch(DDL).unwrap();
+    // the application holds a write transaction (rollback-journal mode: no node has opened the
+    // file yet, so it is not in WAL mode) while the node starts
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let app_path = path.clone();
+    let app = std::thread::spawn(move || {
+        let conn = Connection::open(&app_path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE; INSERT INTO items VALUES (1, 'app', 1);")
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let mut options = SqliteOptions::new(vec![TableConfig::new(items())]);
+    options.node_id = Some(NodeId::new(1));
+    let mut store = SqliteStore::open_with_clock(&path, options, ManualClock::new(T0))
+        .expect("the node waits for the application's transaction instead of failing");
+    app.join().unwrap();
+    // and the application's row is captured
+    assert_eq!(store.capture(10).unwrap().changes.len(), 1);
+}

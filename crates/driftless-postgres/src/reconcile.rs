@@ -5,7 +5,7 @@
 
 use crate::rowio::{RowWrite, UserRow, key_from_row};
 use crate::schema::{OP_INSERT, Synced};
-use crate::store::{Error, PostgresStore};
+use crate::store::{Error, PostgresStore, TopFingerprints};
 use crate::types::{WireValue, key_to_wire, read_wire};
 use driftless_core::codec::decode_row_state;
 use driftless_core::{Change, Clock, NodeId, PrimaryKey, RowState, TableName};
@@ -26,25 +26,81 @@ impl<C: Clock> PostgresStore<C> {
             .ok_or_else(|| StoreError::UnknownTable(table.to_string()))
     }
 
+    /// The top-level fingerprints of `table`. They are not stored: every write would have to
+    /// update one of 262,144 fingerprint rows, which cost a quarter of the time of a write.
+    /// This process keeps them in memory instead, built once from `row_states` (a scan of the
+    /// table's states) and then kept in step by its own commits ([`Self::committed_fingerprints`]).
+    /// Every transaction that writes states bumps `fp_gen` in the same transaction, so if
+    /// another process (a second node on the same database, an admin command) wrote states,
+    /// the counter does not match and the fingerprints are built again.
     pub(crate) fn top_fingerprints_impl(&mut self, table: &TableName) -> Result<Vec<i64>, Error> {
         self.synced_or_err(table)?;
-        let mut tops = vec![0i64; TOP_BUCKETS];
+        let sql = format!("SELECT ival FROM {}.meta WHERE key = 'fp_gen'", self.ds);
+        let stmt = self.stmt(&sql)?;
+        let generation: Option<i64> = self.client.query_opt(&stmt, &[])?.map(|r| r.get(0));
+        if let (Some(generation), Some(cached)) = (generation, self.top_fingerprints.get(table))
+            && cached.generation == generation
+        {
+            return Ok(cached.tops.clone());
+        }
+        // The counter and the states in one statement, so they come from one snapshot.
         let sql = format!(
-            "SELECT bucket, fp FROM {}.fingerprints WHERE tbl = $1",
-            self.ds
+            "SELECT g.ival, a.top, a.fp FROM (SELECT ival FROM {ds}.meta WHERE key = 'fp_gen') AS g \
+             LEFT JOIN (SELECT bucket >> $2 AS top, pg_catalog.bit_xor(h) AS fp \
+             FROM {ds}.row_states WHERE tbl = $1 GROUP BY 1) AS a ON true",
+            ds = self.ds
         );
         let stmt = self.stmt(&sql)?;
-        for row in self.client.query(&stmt, &[&table.as_str()])? {
-            let bucket: i64 = row.get(0);
-            let fp: i64 = row.get(1);
-            let top = (bucket >> (FINE_BITS - TOP_BITS)) as usize;
-            if let Some(slot) = tops.get_mut(top) {
-                *slot ^= fp;
+        let shift = (FINE_BITS - TOP_BITS) as i32;
+        let rows = self.client.query(&stmt, &[&table.as_str(), &shift])?;
+        let mut tops = vec![0i64; TOP_BUCKETS];
+        let mut generation = None;
+        for row in rows {
+            generation = Some(row.get::<_, i64>(0));
+            if let (Some(top), Some(fp)) =
+                (row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2))
+                && let Some(slot) = tops.get_mut(top as usize)
+            {
+                *slot = fp;
+            }
+        }
+        match generation {
+            Some(generation) => {
+                self.top_fingerprints.insert(
+                    table.clone(),
+                    TopFingerprints {
+                        generation,
+                        tops: tops.clone(),
+                    },
+                );
+            }
+            // (no counter row: an install from before it existed; nothing is cached)
+            None => {
+                self.top_fingerprints.remove(table);
             }
         }
         Ok(tops)
     }
 
+    /// Folds a committed transaction's fingerprint deltas into the in-memory fingerprints, if
+    /// they were current when it began; drops those that were not (another process wrote).
+    pub(crate) fn committed_fingerprints(&mut self) {
+        let deltas = std::mem::take(&mut self.tx.top_deltas);
+        let Some((before, after)) = self.tx.fp_gen.take() else {
+            return;
+        };
+        self.top_fingerprints
+            .retain(|_, cached| cached.generation == before);
+        for (table, cached) in &mut self.top_fingerprints {
+            cached.generation = after;
+            for (top, delta) in deltas.get(table).into_iter().flatten() {
+                cached.tops[*top] ^= delta;
+            }
+        }
+    }
+
+    /// The fine fingerprints under each of `tops`, from `row_states` (its `(tbl, bucket)` index
+    /// finds a top bucket's rows: ~2,400 at 10M rows).
     pub(crate) fn fine_fingerprints_impl(
         &mut self,
         table: &TableName,
@@ -59,9 +115,9 @@ impl<C: Clock> PostgresStore<C> {
             .into());
         }
         let sql = format!(
-            "SELECT f.bucket, f.fp FROM unnest($2::pg_catalog.int8[]) AS t(top) \
-             JOIN {}.fingerprints AS f ON f.tbl = $1 AND f.bucket >= t.top * $3 \
-             AND f.bucket < (t.top + 1) * $3",
+            "SELECT s.bucket, pg_catalog.bit_xor(s.h) FROM unnest($2::pg_catalog.int8[]) AS t(top) \
+             JOIN {}.row_states AS s ON s.tbl = $1 AND s.bucket >= t.top * $3 \
+             AND s.bucket < (t.top + 1) * $3 GROUP BY s.bucket",
             self.ds
         );
         let stmt = self.stmt(&sql)?;

@@ -108,8 +108,9 @@ struct StateArrays {
 }
 
 /// The one statement a transaction's flush runs (per [`BULK_ROWS_MAX`] rows of each kind):
-/// new states ($1-$5), replaced states ($6-$9), fingerprint deltas ($10-$12), log entries
-/// ($13-$15) and the HLC to persist ($16, NULL: unchanged). Parts with empty arrays do nothing.
+/// new states ($1-$5), replaced states ($6-$9), log entries ($10-$12), the HLC to persist ($13,
+/// NULL: unchanged) and whether to bump `fp_gen` ($14, see reconcile.rs), whose new value it
+/// returns (NULL: not bumped). Parts with empty arrays do nothing.
 ///
 /// Log entries take a contiguous range of sequence numbers reserved with one `setval`:
 /// driftless's write transactions are serialized (advisory lock), so nobody else draws from
@@ -128,31 +129,24 @@ fn flush_sql(ds: &str) -> String {
            $6::pg_catalog.text[], $7::pg_catalog.bytea[], $8::pg_catalog.bytea[], \
            $9::pg_catalog.int8[]) AS u(tbl, pk, state, h) \
            WHERE s.tbl = u.tbl AND s.pk = u.pk), \
-         deltas AS (\
-           SELECT * FROM unnest($10::pg_catalog.text[], $11::pg_catalog.int8[], \
-           $12::pg_catalog.int8[]) AS d(tbl, bucket, fp)), \
-         fp_updated AS (\
-           UPDATE {ds}.fingerprints AS f SET fp = f.fp # d.fp FROM deltas AS d \
-           WHERE f.tbl = d.tbl AND f.bucket = d.bucket RETURNING f.tbl, f.bucket), \
-         fp_inserted AS (\
-           INSERT INTO {ds}.fingerprints (tbl, bucket, fp) SELECT d.tbl, d.bucket, d.fp \
-           FROM deltas AS d WHERE NOT EXISTS (SELECT 1 FROM fp_updated AS x \
-           WHERE x.tbl = d.tbl AND x.bucket = d.bucket)), \
          log_range AS (\
            SELECT pg_catalog.setval({seq}, pg_catalog.nextval({seq}) \
-           + pg_catalog.cardinality($13::pg_catalog.text[]) - 1) AS last \
-           WHERE pg_catalog.cardinality($13::pg_catalog.text[]) > 0), \
+           + pg_catalog.cardinality($10::pg_catalog.text[]) - 1) AS last \
+           WHERE pg_catalog.cardinality($10::pg_catalog.text[]) > 0), \
          log_entries AS (\
            INSERT INTO {ds}.log (seq, tbl, pk, change) \
-           SELECT r.last - pg_catalog.cardinality($13::pg_catalog.text[]) + u.n, \
-           u.tbl, u.pk, u.change FROM log_range AS r, unnest($13::pg_catalog.text[], \
-           $14::pg_catalog.bytea[], $15::pg_catalog.bytea[]) WITH ORDINALITY \
+           SELECT r.last - pg_catalog.cardinality($10::pg_catalog.text[]) + u.n, \
+           u.tbl, u.pk, u.change FROM log_range AS r, unnest($10::pg_catalog.text[], \
+           $11::pg_catalog.bytea[], $12::pg_catalog.bytea[]) WITH ORDINALITY \
            AS u(tbl, pk, change, n)), \
          clock AS (\
-           INSERT INTO {ds}.meta (key, ival) SELECT 'hlc', $16::pg_catalog.int8 \
-           WHERE $16::pg_catalog.int8 IS NOT NULL \
-           ON CONFLICT (key) DO UPDATE SET ival = EXCLUDED.ival) \
-         SELECT 1"
+           INSERT INTO {ds}.meta (key, ival) SELECT 'hlc', $13::pg_catalog.int8 \
+           WHERE $13::pg_catalog.int8 IS NOT NULL \
+           ON CONFLICT (key) DO UPDATE SET ival = EXCLUDED.ival), \
+         generation AS (\
+           UPDATE {ds}.meta SET ival = ival + 1 WHERE key = 'fp_gen' AND $14::pg_catalog.bool \
+           RETURNING ival) \
+         SELECT (SELECT ival FROM generation)"
     )
 }
 
@@ -249,27 +243,31 @@ impl<C: Clock> PostgresStore<C> {
         ));
     }
 
-    /// Writes the transaction's changed states (keeping bucket fingerprints in step: a bucket's
-    /// fingerprint is the XOR of its item hashes, so replacing a hash is one XOR), its log
-    /// entries and the HLC: one statement (`FLUSH_SQL`) per [`BULK_ROWS_MAX`] rows of each kind,
-    /// so a batch costs one round trip here, not five.
+    /// Writes the transaction's changed states, its log entries and the HLC: one statement
+    /// (`flush_sql`) per [`BULK_ROWS_MAX`] rows of each kind, so a batch costs one round trip
+    /// here, not five. What the states change in the top-level fingerprints (a fingerprint is
+    /// the XOR of its rows' item hashes, so replacing a hash is one XOR) is kept in the
+    /// transaction and folded into the in-memory fingerprints once it commits.
     ///
     /// States never seen before (no hash when loaded) are plain inserts and the others plain
     /// updates, not `INSERT ... ON CONFLICT`: every state is loaded before it is replaced
     /// (the fingerprint delta needs its old hash anyway), and driftless's writers are
     /// serialized, so which rows exist is known; a speculative insert costs about a quarter
-    /// more than a plain one. Fingerprint rows are updated where they exist and inserted
-    /// where the update found none, in the same statement.
+    /// more than a plain one.
     pub(crate) fn flush(&mut self) -> Result<(), Error> {
         let mut new_rows = StateArrays::default();
         let mut old_rows = StateArrays::default();
-        let mut deltas: HashMap<(String, i64), i64> = HashMap::new();
         for ((table, key), cached) in self.tx.states.iter_mut().filter(|(_, c)| c.dirty) {
             let bytes = encode_row_state(&cached.state);
             let hash = driftless_store::fingerprint::item_hash(key, &bytes);
             let bucket = driftless_store::fingerprint::fine_bucket(key);
-            *deltas
-                .entry((table.as_str().to_owned(), bucket))
+            let top = driftless_store::fingerprint::top_of(bucket);
+            *self
+                .tx
+                .top_deltas
+                .entry(table.clone())
+                .or_default()
+                .entry(top)
                 .or_insert(0) ^= hash ^ cached.old_hash.unwrap_or(0);
             let rows = if cached.old_hash.is_some() {
                 &mut old_rows
@@ -284,26 +282,17 @@ impl<C: Clock> PostgresStore<C> {
             rows.buckets.push(bucket);
             rows.hashes.push(hash);
         }
-        let (fp_tables, (fp_buckets, fp_deltas)): (Vec<String>, (Vec<i64>, Vec<i64>)) = deltas
-            .into_iter()
-            .filter(|(_, d)| *d != 0)
-            .map(|((t, b), d)| (t, (b, d)))
-            .unzip();
         let log = std::mem::take(&mut self.tx.log);
         let log_tables: Vec<&str> = log.iter().map(|(t, _, _)| t.as_str()).collect();
         let log_pks: Vec<&[u8]> = log.iter().map(|(_, k, _)| k.as_bytes()).collect();
         let log_changes: Vec<&[u8]> = log.iter().map(|(_, _, c)| c.as_slice()).collect();
         let hlc = self.hlc.last().as_u64();
         let mut hlc_param = (hlc != self.hlc_saved).then_some(hlc as i64);
-        let longest = [
-            new_rows.tables.len(),
-            old_rows.tables.len(),
-            fp_tables.len(),
-            log.len(),
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
+        let states_written = !new_rows.tables.is_empty() || !old_rows.tables.is_empty();
+        let longest = [new_rows.tables.len(), old_rows.tables.len(), log.len()]
+            .into_iter()
+            .max()
+            .unwrap_or(0);
         if longest == 0 && hlc_param.is_none() {
             return Ok(());
         }
@@ -316,7 +305,8 @@ impl<C: Clock> PostgresStore<C> {
         }
         let chunks = longest.div_ceil(BULK_ROWS_MAX).max(1);
         for i in 0..chunks {
-            self.client.execute(
+            let bump = states_written && i == 0;
+            let row = self.client.query_one(
                 &stmt,
                 &[
                     &part(&new_rows.tables, i),
@@ -328,15 +318,24 @@ impl<C: Clock> PostgresStore<C> {
                     &part(&old_rows.pks, i),
                     &part(&old_rows.states, i),
                     &part(&old_rows.hashes, i),
-                    &part(&fp_tables, i),
-                    &part(&fp_buckets, i),
-                    &part(&fp_deltas, i),
                     &part(&log_tables, i),
                     &part(&log_pks, i),
                     &part(&log_changes, i),
                     &hlc_param.take(),
+                    &bump,
                 ],
             )?;
+            if bump {
+                match row.get::<_, Option<i64>>(0) {
+                    // (a second flush in one transaction keeps the first one's "before")
+                    Some(after) => {
+                        let before = self.tx.fp_gen.map_or(after - 1, |(b, _)| b);
+                        self.tx.fp_gen = Some((before, after));
+                    }
+                    // no counter: nothing is known, every cached fingerprint is dropped
+                    None => self.tx.fp_gen = Some((i64::MIN, i64::MIN)),
+                }
+            }
         }
         self.hlc_saved = hlc;
         Ok(())

@@ -192,6 +192,17 @@ pub(crate) struct CachedState {
 pub(crate) struct TxState {
     pub states: HashMap<(TableName, PrimaryKey), CachedState>,
     pub log: Vec<(TableName, PrimaryKey, Vec<u8>)>,
+    /// What flushing changed in the top-level fingerprints, per table (XOR deltas)...
+    pub top_deltas: HashMap<TableName, HashMap<usize, i64>>,
+    /// ... and `fp_gen` before and after this transaction's bump (`None`: no state written).
+    pub fp_gen: Option<(i64, i64)>,
+}
+
+/// A table's top-level reconciliation fingerprints as of `fp_gen` = `generation`.
+#[derive(Debug, Clone)]
+pub(crate) struct TopFingerprints {
+    pub generation: i64,
+    pub tops: Vec<i64>,
 }
 
 /// A PostgreSQL replica: the user's database with driftless's capture and metadata installed.
@@ -217,6 +228,9 @@ pub struct PostgresStore<C: Clock = SystemClock> {
     pub(crate) catalog_signature: String,
     pub(crate) dead_letters_present: bool,
     pub(crate) tx: TxState,
+    /// Top-level fingerprints per table, kept up to date by this process's own commits and
+    /// rebuilt from `row_states` when `fp_gen` shows that another process wrote (reconcile.rs).
+    pub(crate) top_fingerprints: HashMap<TableName, TopFingerprints>,
     /// The HLC value last persisted.
     pub(crate) hlc_saved: u64,
     /// Transactions retried because of a conflict with a concurrent client (for tests/metrics).
@@ -347,6 +361,7 @@ impl<C: Clock> PostgresStore<C> {
             catalog_signature: String::new(),
             dead_letters_present: true,
             tx: TxState::default(),
+            top_fingerprints: HashMap::new(),
             hlc_saved: 0,
             tx_retries: 0,
             pending_removed: 0,
@@ -813,7 +828,10 @@ impl<C: Clock> PostgresStore<C> {
                     self.lock_key
                 ));
                 match commit {
-                    Ok(()) => Ok(value),
+                    Ok(()) => {
+                        self.committed_fingerprints();
+                        Ok(value)
+                    }
                     Err(e) => {
                         self.abort_tx();
                         Err(e.into())

@@ -808,3 +808,140 @@ fn writes_straight_into_a_partition_of_a_partitioned_table_are_captured() {
         assert_eq!(rows(&mut cb), rows(&mut ca), "after {sql}");
     }
 }
+
+/// The storage parameters driftless's busiest tables get, read from the catalog.
+fn fillfactors(client: &mut Client) -> Vec<(String, Option<Vec<String>>)> {
+    client
+        .query(
+            "SELECT c.relname::text, c.reloptions::text[] FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'driftless' AND c.relname IN ('row_states', 'fingerprints') \
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[test]
+fn an_upgrade_leaves_room_for_hot_updates_and_drops_the_stored_fingerprints() {
+    let Some(db) = TestDb::create("fillfactor") else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let (mut store, mut client) = open(&db, 7, &clock, DDL);
+    // (the stored fingerprints of the first release are gone: they are kept in memory)
+    let wanted = vec![(
+        "row_states".to_owned(),
+        Some(vec!["fillfactor=80".to_owned()]),
+    )];
+    assert_eq!(fillfactors(&mut client), wanted);
+    client
+        .batch_execute("INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2)")
+        .unwrap();
+    store.capture(100).unwrap();
+    drop(store);
+    // A database installed by the first release: no storage parameters, a stored fingerprint
+    // table, no generation counter, install version 1.
+    client
+        .batch_execute(
+            "ALTER TABLE driftless.row_states RESET (fillfactor); \
+             CREATE TABLE driftless.fingerprints (tbl text NOT NULL, bucket bigint NOT NULL, \
+             fp bigint NOT NULL, PRIMARY KEY (tbl, bucket)); \
+             DELETE FROM driftless.meta WHERE key = 'fp_gen'; \
+             UPDATE driftless.meta SET ival = 1 WHERE key = 'install_version'",
+        )
+        .unwrap();
+    assert_eq!(
+        fillfactors(&mut client),
+        vec![
+            ("fingerprints".to_owned(), None),
+            ("row_states".to_owned(), None)
+        ]
+    );
+    let (mut store, mut client) = open(&db, 7, &clock, DDL);
+    assert_eq!(fillfactors(&mut client), wanted);
+    // the upgrade kept the data, the log and the merge states
+    assert_eq!(
+        rows(&mut client),
+        vec![
+            (1, Some("a".into()), Some(1)),
+            (2, Some("b".into()), Some(2))
+        ]
+    );
+    assert_eq!(store.log_head().unwrap(), LogSeq(2));
+    client
+        .batch_execute("UPDATE items SET qty = 5 WHERE id = 1")
+        .unwrap();
+    assert_eq!(store.capture(100).unwrap().changes.len(), 1);
+    let tops = store.top_fingerprints(&items()).unwrap();
+    assert_eq!(
+        tops.iter().filter(|fp| **fp != 0).count(),
+        2,
+        "two rows, two top buckets"
+    );
+}
+
+/// Top-level fingerprints straight from the merge states (what a fresh process computes).
+fn fresh_tops(db: &TestDb, clock: &ManualClock) -> Vec<i64> {
+    let (mut store, _) = open(db, 7, clock, DDL);
+    store.top_fingerprints(&items()).unwrap()
+}
+
+#[test]
+fn fingerprints_kept_in_memory_follow_own_writes_and_notice_another_process() {
+    let Some(db) = TestDb::create("fp_cache") else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let (mut a, mut client) = open(&db, 7, &clock, DDL);
+    let empty = a.top_fingerprints(&items()).unwrap();
+    assert!(empty.iter().all(|fp| *fp == 0));
+    // own writes: the cached fingerprints follow them, and match a fresh computation
+    client
+        .batch_execute("INSERT INTO items SELECT i, 'n' || i, i FROM generate_series(1, 300) i")
+        .unwrap();
+    a.capture(1000).unwrap();
+    let after_insert = a.top_fingerprints(&items()).unwrap();
+    assert_ne!(after_insert, empty);
+    assert_eq!(after_insert, fresh_tops(&db, &clock));
+    client
+        .batch_execute(
+            "UPDATE items SET qty = qty + 1 WHERE id <= 100; DELETE FROM items WHERE id > 250",
+        )
+        .unwrap();
+    a.capture(1000).unwrap();
+    let after_update = a.top_fingerprints(&items()).unwrap();
+    assert_ne!(after_update, after_insert);
+    assert_eq!(after_update, fresh_tops(&db, &clock));
+    // fine fingerprints (read from the states) add up to their top
+    let tops: Vec<u32> = (0..4096u32)
+        .filter(|t| after_update[*t as usize] != 0)
+        .collect();
+    for chunk in tops.chunks(1000) {
+        for (top, fine) in a.fine_fingerprints(&items(), chunk).unwrap() {
+            let folded = fine.iter().fold(0i64, |x, fp| x ^ fp);
+            assert_eq!(folded, after_update[top as usize], "top {top}");
+        }
+    }
+    // another process writes states: this one must not serve its stale fingerprints
+    let (mut b, _) = open(&db, 7, &clock, DDL);
+    client
+        .batch_execute("UPDATE items SET name = 'b' WHERE id = 7")
+        .unwrap();
+    assert_eq!(b.capture(1000).unwrap().changes.len(), 1);
+    let seen_by_a = a.top_fingerprints(&items()).unwrap();
+    assert_ne!(seen_by_a, after_update);
+    assert_eq!(seen_by_a, b.top_fingerprints(&items()).unwrap());
+    // and after its own next write, it is still in step
+    client
+        .batch_execute("UPDATE items SET name = 'a' WHERE id = 8")
+        .unwrap();
+    a.capture(1000).unwrap();
+    assert_eq!(
+        a.top_fingerprints(&items()).unwrap(),
+        fresh_tops(&db, &clock)
+    );
+}

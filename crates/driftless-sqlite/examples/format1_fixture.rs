@@ -13,7 +13,9 @@ use driftless_sqlite::{SqliteOptions, SqliteStore};
 use driftless_store::{CompactionPolicy, LogSeq, Store, TableConfig};
 
 fn main() {
-    let out = std::env::args().nth(1).expect("usage: format1_fixture OUT.db");
+    let out = std::env::args()
+        .nth(1)
+        .expect("usage: format1_fixture OUT.db");
     let _ = std::fs::remove_file(&out);
     let here = NodeId::new(0xa1);
     let there = NodeId::new(0xb2);
@@ -144,5 +146,6 @@ fn main() {
     conn.execute_batch("UPDATE items SET name = 'written while stopped' WHERE id = 1;")
         .unwrap();
     drop(store);
-    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .unwrap();
 }

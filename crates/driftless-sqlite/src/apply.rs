@@ -1,7 +1,7 @@
-//! Applying remote changes: merge, write the winners, ledger, dead letters, clock holds, log and
-//! cursor, in one transaction per batch.
+//! Applying remote changes: merge, write the winners, ledger, dead letters, clock holds, the
+//! row's new place in the log, and the cursor, in one transaction per batch.
 
-use crate::rowio::{append_log, load_state, write_user_row};
+use crate::rowio::{load_state, record_history, write_user_row};
 use crate::schema::db;
 use crate::store::SqliteStore;
 use driftless_core::codec::{Encoder, decode_change, encode_change};
@@ -146,8 +146,8 @@ impl<C: Clock> SqliteStore<C> {
                 Some(_) => {}
             }
         }
-        let table = change.table.as_str();
-        let (mut state, old_hash) = load_state(&self.conn, table, &change.key)?;
+        let loaded = load_state(&self.conn, &synced, &change.key, &self.nodes, None)?;
+        let mut state = loaded.state.clone();
         let before_length = state.causal_length();
         let was_live = state.is_live();
         let outcome = match state.apply(change, &schema.rules) {
@@ -196,8 +196,8 @@ impl<C: Clock> SqliteStore<C> {
                 if recreate {
                     self.run_cached("RELEASE driftless_apply")?;
                 }
-                self.save_row_state(table, &change.key, old_hash, &state)?;
-                append_log(&self.conn, change)?;
+                self.save_row_state(&synced, &change.key, &loaded, &state)?;
+                record_history(&self.conn, change)?;
                 report.applied += 1;
             }
         }

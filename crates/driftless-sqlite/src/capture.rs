@@ -1,28 +1,40 @@
 //! Stamping captured local writes: turning the triggers' records into versioned changes.
 //!
-//! The triggers record only `(table, operation, primary key)`, in commit order, atomically with
-//! the user's write. Stamping reads the row's current values, compares them with the row's merge
-//! state (which mirrors what the table held after the last stamp or apply) to find the columns
-//! that changed, and makes the change with a fresh HLC version. Every apply transaction stamps
+//! The triggers record `(table, operation, primary key)` and, for an update, which columns it
+//! changed, in commit order, atomically with the user's write. Stamping gathers the records of
+//! each row (several writes between two stamps become one change), reads the row's current
+//! values and makes the change with a fresh HLC version. Every apply transaction stamps
 //! all pending writes first, under the same write lock, so a local write is always merged with
 //! its true place in history: it can never be overwritten by a remote value it has not been
 //! compared with.
 
 use crate::meta::KEY_COLUMNS_MAX;
-use crate::rowio::{append_log, key_part_from_sql, load_state, read_user_row, write_user_row};
-use crate::schema::{OP_CHECK, OP_DELETE, OP_UPDATE, Synced, db};
+use crate::rowio::{key_part_from_sql, load_state, read_user_row, record_history, write_user_row};
+use crate::schema::{OP_CHECK, OP_DELETE, OP_UPDATE, Synced, db, mask_bit};
 use crate::store::SqliteStore;
 use driftless_core::{Clock, PrimaryKey, Version};
-use driftless_store::capture::{self, CapturedOp, Stamp};
+use driftless_store::capture::{self, CapturedOp, Recorded};
+use driftless_store::rowmeta::ColumnIds;
 use driftless_store::{CaptureReport, StoreError};
 use rusqlite::params;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 struct Pending {
     seq: i64,
     table: Option<Arc<Synced>>,
     op: i64,
+    cols: Option<i64>,
     key: Result<PrimaryKey, String>,
+}
+
+fn captured_op(op: i64) -> CapturedOp {
+    match op {
+        OP_DELETE => CapturedOp::Delete,
+        OP_UPDATE => CapturedOp::Update,
+        OP_CHECK => CapturedOp::Check,
+        _ => CapturedOp::Insert,
+    }
 }
 
 impl<C: Clock> SqliteStore<C> {
@@ -37,17 +49,31 @@ impl<C: Clock> SqliteStore<C> {
         let Some(last) = pending.last().map(|p| p.seq) else {
             return Ok(0);
         };
+        // The records of each row, in the order rows were first written.
+        let mut rows: Vec<(Arc<Synced>, PrimaryKey, Recorded)> = Vec::new();
+        let mut at: HashMap<(i64, PrimaryKey), usize> = HashMap::new();
         for entry in &pending {
             let Some(table) = &entry.table else {
                 continue; // the table is no longer synced
             };
             match &entry.key {
-                Ok(key) => self.stamp_key(table, entry.op, key, report)?,
+                Ok(key) => {
+                    let i = *at.entry((table.id, key.clone())).or_insert_with(|| {
+                        rows.push((table.clone(), key.clone(), Recorded::default()));
+                        rows.len() - 1
+                    });
+                    let recorded = &mut rows[i].2;
+                    recorded.add(captured_op(entry.op), entry.cols.map(|m| m as u64));
+                    recorded.new_columns |= entry.seq <= self.masks_untrusted_through;
+                }
                 Err(reason) => {
                     self.dead_letter_local(table.schema.name.as_str(), reason)?;
                     report.refused += 1;
                 }
             }
+        }
+        for (table, key, recorded) in &rows {
+            self.stamp_recorded(table, key, recorded, report)?;
         }
         // The records are deleted when the transaction ends (see `write_tx`).
         self.pending_done = last;
@@ -68,7 +94,7 @@ impl<C: Clock> SqliteStore<C> {
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
-                "SELECT seq, tbl, op{keys} FROM _driftless_pending
+                "SELECT seq, tbl, op, cols{keys} FROM _driftless_pending
                  WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3"
             ))
             .map_err(db)?;
@@ -82,7 +108,7 @@ impl<C: Clock> SqliteStore<C> {
                     let mut parts = Vec::with_capacity(key_len);
                     let mut error = None;
                     for i in 0..key_len {
-                        match key_part_from_sql(r.get_ref(3 + i)?) {
+                        match key_part_from_sql(r.get_ref(4 + i)?) {
                             Ok(part) => parts.push(part),
                             Err(e) => error = Some(e),
                         }
@@ -101,6 +127,7 @@ impl<C: Clock> SqliteStore<C> {
                         seq: r.get(0)?,
                         table,
                         op: r.get(2)?,
+                        cols: r.get(3)?,
                         key,
                     })
                 },
@@ -109,18 +136,17 @@ impl<C: Clock> SqliteStore<C> {
         rows.collect::<Result<_, _>>().map_err(db)
     }
 
-    /// Stamps one local write to `key` (used by capture, and by verification to adopt a row
-    /// that was never captured).
-    pub(crate) fn stamp_key(
+    /// Stamps the recorded local writes to `key` (used by capture, and by the local check to
+    /// adopt content written behind driftless's back: `Recorded { all_columns: true, .. }`).
+    pub(crate) fn stamp_recorded(
         &mut self,
         synced: &Synced,
-        op: i64,
         key: &PrimaryKey,
+        recorded: &Recorded,
         report: &mut CaptureReport,
     ) -> Result<(), StoreError> {
         let schema = &synced.schema;
         let table = &schema.name;
-        let (mut state, old_hash) = load_state(&self.conn, table.as_str(), key)?;
         let current = match read_user_row(&self.conn, synced, key) {
             Ok(current) => current,
             // A value driftless cannot represent (e.g. text that is not UTF-8): refuse this one
@@ -135,36 +161,49 @@ impl<C: Clock> SqliteStore<C> {
             }
             Err(e) => return Err(e),
         };
-        let op = match op {
-            OP_DELETE => CapturedOp::Delete,
-            OP_UPDATE => CapturedOp::Update,
-            OP_CHECK => CapturedOp::Check,
-            _ => CapturedOp::Insert,
-        };
-        let stamp = capture::plan(op, &state, current.as_deref());
-        if stamp == Stamp::Nothing {
+        let loaded = load_state(
+            &self.conn,
+            synced,
+            key,
+            &self.nodes,
+            Some(current.as_deref()),
+        )?;
+        let stamps = capture::plan_recorded(recorded, &loaded.state, current.as_deref(), |c| {
+            synced.id_of(c).map(mask_bit)
+        });
+        if stamps.is_empty() {
             return Ok(());
         }
-        let version = Version::new(self.hlc.now()?, self.node);
-        let change = match capture::build(stamp, &state, schema, key, version) {
-            None => return Ok(()),
-            Some(Ok(change)) => change,
-            Some(Err(reason)) => {
-                self.dead_letter_local(
-                    table.as_str(),
-                    &format!("local write to {table} {key}: {reason}"),
-                )?;
-                report.refused += 1;
-                return Ok(());
-            }
-        };
-        let outcome = state
-            .apply(&change, &schema.rules)
-            .map_err(|e| StoreError::Corrupt(format!("own change refused by merge: {e}")))?;
-        self.record_conflicts(&outcome.conflicts)?;
+        let mut state = loaded.state.clone();
+        let mut changed = false;
+        for stamp in stamps {
+            let version = Version::new(self.hlc.now()?, self.node);
+            let change = match capture::build(stamp, &state, schema, key, version) {
+                None => continue,
+                Some(Ok(change)) => change,
+                Some(Err(reason)) => {
+                    self.dead_letter_local(
+                        table.as_str(),
+                        &format!("local write to {table} {key}: {reason}"),
+                    )?;
+                    report.refused += 1;
+                    continue;
+                }
+            };
+            let outcome = state
+                .apply(&change, &schema.rules)
+                .map_err(|e| StoreError::Corrupt(format!("own change refused by merge: {e}")))?;
+            self.record_conflicts(&outcome.conflicts)?;
+            record_history(&self.conn, &change)?;
+            report.changes.push(change);
+            changed = true;
+        }
+        if !changed {
+            return Ok(());
+        }
         // A local write can lose at once (priority, max, min columns): set the row back to the
         // winning values so the table shows what every replica will converge to.
-        if !change.is_delete() && !capture::matches_row(&state, current.as_deref()) {
+        if state.is_live() && !capture::matches_row(&state, current.as_deref()) {
             write_user_row(&self.conn, synced, key, state.visible().as_ref(), false).map_err(
                 |reason| StoreError::Schema {
                     table: table.to_string(),
@@ -173,9 +212,7 @@ impl<C: Clock> SqliteStore<C> {
             )?;
             report.reverted += 1;
         }
-        self.save_row_state(table.as_str(), key, old_hash, &state)?;
-        append_log(&self.conn, &change)?;
-        report.changes.push(change);
+        self.save_row_state(synced, key, &loaded, &state)?;
         Ok(())
     }
 

@@ -15,6 +15,7 @@ mod reconcile;
 mod rowio;
 mod schema;
 mod store;
+mod upgrade;
 
 pub use schema::{quote_ident, quote_literal};
 pub use store::{OpenError, SqliteOptions, SqliteStore};

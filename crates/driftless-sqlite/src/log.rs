@@ -1,51 +1,69 @@
-//! Serving the change log: pages after a cursor, acknowledgements, compaction, snapshots and
-//! held changes.
+//! Serving the change log, which in storage format 2 is the row states themselves: pages after
+//! a cursor, acknowledgements, compaction (nothing left to do), snapshots and held changes.
 
 use crate::meta;
-use crate::rowio::load_state;
-use crate::schema::db;
+use crate::rowio::{read_user_row, rebuild};
+use crate::schema::{Synced, db};
 use crate::store::SqliteStore;
-use driftless_core::codec::{decode_change, decode_row_state};
-use driftless_core::{Clock, NodeId, PrimaryKey, TableName};
+use driftless_core::codec::decode_change;
+use driftless_core::{Change, Clock, NodeId, PrimaryKey, TableName};
+use driftless_store::rowmeta::RowMeta;
 use driftless_store::{
     ApplyReport, CompactionPolicy, CompactionReport, LOG_PAGE_ENTRIES_MAX, LogEntry, LogPage,
     LogSeq, PeerLogState, SNAPSHOT_CHUNK_ROWS_MAX, SnapshotChunk, StoreError,
 };
-use rusqlite::{OptionalExtension, params};
+use rusqlite::params;
 
 /// Most held changes examined per release call.
 const HELD_RELEASE_MAX: usize = 10_000;
 
 impl<C: Clock> SqliteStore<C> {
+    /// Up to `limit` changes after `after`: the rows whose state changed after the cursor, in
+    /// the order of their last change, each as its whole state (see `rowmeta` for why not only
+    /// the cells that changed). A page holds whole rows only (its `next` is the last row's sequence number), so a cursor never falls
+    /// inside a row; a row with more changes than `limit` fills a page on its own.
     pub(crate) fn read_log_impl(
         &mut self,
         after: LogSeq,
         limit: usize,
     ) -> Result<LogPage, StoreError> {
-        let limit = limit.min(LOG_PAGE_ENTRIES_MAX);
+        let limit = limit.clamp(1, LOG_PAGE_ENTRIES_MAX);
+        self.read_tx(|store| store.read_page(after, limit))
+    }
+
+    fn read_page(&mut self, after: LogSeq, limit: usize) -> Result<LogPage, StoreError> {
         let head = self.log_head_impl()?;
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT seq, change FROM _driftless_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )
-            .map_err(db)?;
-        let rows = stmt
-            .query_map(params![after.0 as i64, limit as i64], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })
-            .map_err(db)?;
+        let rows: Vec<(i64, i64, Vec<u8>, Vec<u8>)> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT seq, tbl, pk, meta FROM _driftless_rows WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![after.0 as i64, limit as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)?
+        };
         let mut entries = Vec::new();
-        for row in rows {
-            let (seq, bytes) = row.map_err(db)?;
-            let change = decode_change(&bytes)
-                .map_err(|e| StoreError::Corrupt(format!("log entry {seq}: {e}")))?;
-            entries.push(LogEntry {
+        let mut next = after;
+        for (seq, table_id, pk, meta) in rows {
+            let changes = match self.synced.iter().find(|s| s.id == table_id).cloned() {
+                // a table no longer synced: nothing to send, the cursor moves past it
+                None => Vec::new(),
+                Some(synced) => self.stored_row_changes(&synced, seq, &pk, &meta)?,
+            };
+            if !entries.is_empty() && entries.len() + changes.len() > limit {
+                break;
+            }
+            entries.extend(changes.into_iter().map(|change| LogEntry {
                 seq: LogSeq(seq as u64),
                 change,
-            });
+            }));
+            next = LogSeq(seq as u64);
         }
-        let next = entries.last().map_or(after, |e| e.seq);
         Ok(LogPage {
             entries,
             next,
@@ -53,16 +71,38 @@ impl<C: Clock> SqliteStore<C> {
         })
     }
 
+    /// One stored row's whole state as changes.
+    pub(crate) fn stored_row_changes(
+        &self,
+        synced: &Synced,
+        seq: i64,
+        pk: &[u8],
+        meta: &[u8],
+    ) -> Result<Vec<Change>, StoreError> {
+        let table = &synced.schema.name;
+        let key = PrimaryKey::from_bytes(pk)
+            .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?;
+        let needs_row = !RowMeta::decode(meta, seq as u64, &self.nodes)
+            .map_err(|e| StoreError::Corrupt(format!("row state of {table} {key}: {e}")))?
+            .columns_from_table(synced)
+            .is_empty();
+        let row = if needs_row {
+            match read_user_row(&self.conn, synced, &key) {
+                Ok(row) => row,
+                // a value driftless cannot represent: that write was refused at capture (a dead
+                // letter), and the value it replaced is gone; the row is not served
+                Err(StoreError::Schema { .. }) => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        let state = rebuild(synced, &key, seq, meta, &self.nodes, row.as_deref())?;
+        Ok(state.to_changes(table, &key, synced.schema.fingerprint))
+    }
+
     pub(crate) fn log_head_impl(&self) -> Result<LogSeq, StoreError> {
-        let head: i64 = self
-            .conn
-            .query_row(
-                "SELECT coalesce(max(seq), 0) FROM _driftless_log",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(db)?;
-        Ok(LogSeq(head as u64))
+        Ok(LogSeq(self.head_seq()? as u64))
     }
 
     fn log_floor(&self) -> Result<LogSeq, StoreError> {
@@ -114,129 +154,22 @@ impl<C: Clock> SqliteStore<C> {
         })
     }
 
-    /// See [`driftless_store::Store::compact`]. Superseded entries (whose version no longer
-    /// contributes to their row's state) are always safe to drop: every peer still receives the
-    /// entries that do contribute, so it reaches the same state. Entries still contributing are
-    /// dropped only below the floor: acknowledged by every known peer and older than
-    /// `retain_entries_min`, or beyond `retain_entries_max` (then laggards must re-bootstrap).
+    /// See [`driftless_store::Store::compact`]. In storage format 2 the log is the row states:
+    /// a superseded change left nothing behind when its row moved on, and every row's latest
+    /// state stays reachable from any cursor, so no peer ever falls behind the log. The floor
+    /// is only non-zero in a database upgraded from format 1 (peers behind it re-bootstrap).
     pub(crate) fn compact_impl(
         &mut self,
-        policy: &CompactionPolicy,
+        _policy: &CompactionPolicy,
     ) -> Result<CompactionReport, StoreError> {
-        self.write_tx(|store| {
-            let mut report = CompactionReport::default();
-            let position = meta::get_i64(&store.conn, "compact_position").map_err(db)?.unwrap_or(0);
-            let scanned: Vec<(i64, String, Vec<u8>, Vec<u8>)> = {
-                let mut stmt = store
-                    .conn
-                    .prepare_cached(
-                        "SELECT seq, tbl, pk, change FROM _driftless_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-                    )
-                    .map_err(db)?;
-                let rows = stmt
-                    .query_map(params![position, policy.scan_entries_max as i64], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })
-                    .map_err(db)?;
-                rows.collect::<Result<_, _>>().map_err(db)?
-            };
-            // wrap around to the start once the end of the log is reached
-            let next_position = if scanned.len() < policy.scan_entries_max {
-                0
-            } else {
-                scanned.last().map_or(0, |s| s.0)
-            };
-            // The newest entry always stays, so the log's head never moves back: a peer whose
-            // cursor is beyond our head then means a restored backup (see the node's session).
-            let newest = store.log_head_impl()?.0 as i64;
-            for (seq, table, pk, bytes) in &scanned {
-                if *seq == newest {
-                    continue;
-                }
-                let change = decode_change(bytes)
-                    .map_err(|e| StoreError::Corrupt(format!("log entry {seq}: {e}")))?;
-                let key = PrimaryKey::from_bytes(pk)
-                    .map_err(|e| StoreError::Corrupt(format!("log entry {seq}: {e}")))?;
-                let (state, _) = load_state(&store.conn, table, &key)?;
-                if !state.references(change.version) {
-                    store
-                        .conn
-                        .execute("DELETE FROM _driftless_log WHERE seq = ?1", [seq])
-                        .map_err(db)?;
-                    report.superseded_dropped += 1;
-                }
-            }
-            meta::set(&store.conn, "compact_position", next_position).map_err(db)?;
-
-            let head = store.log_head_impl()?;
-            let floor = store.log_floor()?;
-            let peers: Vec<(Vec<u8>, i64)> = {
-                let mut stmt = store
-                    .conn
-                    .prepare_cached("SELECT peer, acked FROM _driftless_peers")
-                    .map_err(db)?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db)?;
-                rows.collect::<Result<_, _>>().map_err(db)?
-            };
-            let count: i64 = store
-                .conn
-                .query_row("SELECT count(*) FROM _driftless_log", [], |r| r.get(0))
-                .map_err(db)?;
-            let retention_cut = if count as u64 > policy.retain_entries_max {
-                let cut: i64 = store
-                    .conn
-                    .query_row(
-                        "SELECT seq FROM _driftless_log ORDER BY seq DESC LIMIT 1 OFFSET ?1",
-                        [policy.retain_entries_max as i64],
-                        |r| r.get(0),
-                    )
-                    .map_err(db)?;
-                Some(LogSeq(cut as u64))
-            } else {
-                None
-            };
-            let mut target = policy
-                .retire_through(
-                    head,
-                    floor,
-                    peers.iter().map(|(_, a)| LogSeq(*a as u64)),
-                    retention_cut,
-                )
-                .0;
-            if target > floor.0 {
-                // Bounded per call (the write lock is held meanwhile): the floor moves up in
-                // steps of at most `retire_entries_max` entries; the next call continues.
-                let step: Option<i64> = store
-                    .conn
-                    .query_row(
-                        "SELECT seq FROM _driftless_log WHERE seq > ?1 ORDER BY seq LIMIT 1 OFFSET ?2",
-                        params![floor.0 as i64, policy.retire_entries_max.saturating_sub(1) as i64],
-                        |r| r.get(0),
-                    )
-                    .optional()
-                    .map_err(db)?;
-                if let Some(step) = step {
-                    target = target.min(step as u64);
-                }
-                report.retired_dropped = store
-                    .conn
-                    .execute("DELETE FROM _driftless_log WHERE seq <= ?1", [target as i64])
-                    .map_err(db)?;
-                meta::set(&store.conn, "log_floor", target as i64).map_err(db)?;
-                for (peer, acked) in &peers {
-                    if driftless_store::left_behind(LogSeq(*acked as u64), floor, LogSeq(target))
-                        && let Ok(bytes) = <[u8; 16]>::try_from(peer.as_slice()) {
-                            report.peers_marked_for_bootstrap.push(NodeId::from_bytes(bytes));
-                        }
-                }
-                report.floor = LogSeq(target);
-            } else {
-                report.floor = floor;
-            }
-            Ok(report)
+        Ok(CompactionReport {
+            floor: self.log_floor()?,
+            ..CompactionReport::default()
         })
     }
 
+    /// A table's rows in the order of the key index (fine bucket, then key), resumable after
+    /// any key: the chunk's `next` is the last key served.
     pub(crate) fn snapshot_chunk_impl(
         &mut self,
         table: &TableName,
@@ -246,38 +179,50 @@ impl<C: Clock> SqliteStore<C> {
         let synced = self
             .synced(table)
             .ok_or_else(|| StoreError::UnknownTable(table.to_string()))?;
-        let fingerprint = synced.schema.fingerprint;
         let limit = limit.clamp(1, SNAPSHOT_CHUNK_ROWS_MAX);
-        let log_head = self.log_head_impl()?;
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT pk, state FROM _driftless_rows WHERE tbl = ?1 AND pk > ?2 ORDER BY pk LIMIT ?3",
-            )
-            .map_err(db)?;
-        let after_bytes: Vec<u8> = after.map(|k| k.as_bytes().to_vec()).unwrap_or_default();
-        let rows = stmt
-            .query_map(params![table.as_str(), after_bytes, limit as i64], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        self.read_tx(|store| {
+            let log_head = store.log_head_impl()?;
+            let (bucket, after_bytes) = match after {
+                Some(k) => (
+                    driftless_store::fingerprint::fine_bucket(k),
+                    k.as_bytes().to_vec(),
+                ),
+                None => (-1, Vec::new()),
+            };
+            let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = {
+                let mut stmt = store
+                    .conn
+                    .prepare_cached(
+                        "SELECT seq, pk, meta FROM _driftless_rows
+                         WHERE tbl = ?1 AND (bucket, pk) > (?2, ?3) ORDER BY bucket, pk LIMIT ?4",
+                    )
+                    .map_err(db)?;
+                let rows = stmt
+                    .query_map(params![synced.id, bucket, after_bytes, limit as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .map_err(db)?;
+                rows.collect::<Result<_, _>>().map_err(db)?
+            };
+            let mut changes = Vec::new();
+            let mut last = None;
+            let count = rows.len();
+            for (seq, pk, meta) in rows {
+                changes.extend(store.stored_row_changes(&synced, seq, &pk, &meta)?);
+                last = Some(pk);
+            }
+            let next = match last {
+                Some(pk) if count == limit => Some(
+                    PrimaryKey::from_bytes(&pk)
+                        .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?,
+                ),
+                _ => None,
+            };
+            Ok(SnapshotChunk {
+                changes,
+                next,
+                log_head,
             })
-            .map_err(db)?;
-        let mut changes = Vec::new();
-        let mut last = None;
-        let mut count = 0;
-        for row in rows {
-            let (pk, bytes) = row.map_err(db)?;
-            let key = PrimaryKey::from_bytes(&pk)
-                .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?;
-            let state = decode_row_state(&bytes)
-                .map_err(|e| StoreError::Corrupt(format!("row state of {table} {key}: {e}")))?;
-            changes.extend(state.to_changes(table, &key, fingerprint));
-            last = Some(key);
-            count += 1;
-        }
-        Ok(SnapshotChunk {
-            changes,
-            next: if count == limit { last } else { None },
-            log_head,
         })
     }
 

@@ -9,6 +9,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 /// Number of key columns the capture table can hold (the core's composite-key limit).
 pub const KEY_COLUMNS_MAX: usize = driftless_core::key::KEY_PARTS_MAX;
 
+/// The storage format this code writes (`format` in `_driftless_meta`). Format 1 (before
+/// 0.2) kept a full copy of every row's state and a separate log; `upgrade.rs` converts it.
+pub const FORMAT: i64 = 2;
+
 /// Creates the metadata tables if missing. Idempotent.
 pub fn install(conn: &Connection) -> rusqlite::Result<()> {
     let key_columns: String = (0..KEY_COLUMNS_MAX)
@@ -28,29 +32,50 @@ pub fn install(conn: &Connection) -> rusqlite::Result<()> {
         );
 
         -- Writes recorded by the triggers (table id, operation 1 insert / 2 update / 3 delete,
-        -- key values), not yet stamped. The triggers record every writer, driftless included;
+        -- for an update the mask of the columns it changed, key values), not yet stamped. The triggers record every writer, driftless included;
         -- driftless deletes the records of its own writes before its transaction commits.
         CREATE TABLE IF NOT EXISTS _driftless_pending (
             seq INTEGER PRIMARY KEY,
             tbl INTEGER NOT NULL,
-            op INTEGER NOT NULL
+            op INTEGER NOT NULL,
+            cols INTEGER
             {key_columns}
         );
 
-        -- Merge state of every row ever seen (codec::encode_row_state), tombstones included, with
-        -- the row's reconciliation bucket (from its key) and item hash (of key and state).
+        -- Storage format 2: the merge state of every row ever seen (tombstones included), and
+        -- the change log at once. `seq` is the local sequence number of the row's last change
+        -- (a new one each time the state changes), so "the log after cursor C" is the rows with
+        -- seq > C in seq order, and a superseded change leaves nothing behind. `meta` is the
+        -- state without the values the user's table holds (driftless_store::rowmeta), `bucket`
+        -- the row's reconciliation fine bucket (from its key), `h` its item hash. Rows are
+        -- appended in seq order, so this table's pages stay full.
         CREATE TABLE IF NOT EXISTS _driftless_rows (
-            tbl TEXT NOT NULL,
-            pk BLOB NOT NULL,
-            state BLOB NOT NULL,
+            seq INTEGER PRIMARY KEY,
+            tbl INTEGER NOT NULL,
             bucket INTEGER NOT NULL,
+            pk BLOB NOT NULL,
             h INTEGER NOT NULL,
-            PRIMARY KEY (tbl, pk)
+            meta BLOB NOT NULL
+        );
+        -- Finds a row by key (the bucket is computed from the key) and, covering the item hash,
+        -- serves range fingerprints and bucket listings from the index alone.
+        CREATE INDEX IF NOT EXISTS _driftless_rows_key ON _driftless_rows (tbl, bucket, pk, h);
+
+        -- Node ids interned to small integers: metadata stores the integer.
+        CREATE TABLE IF NOT EXISTS _driftless_nodes (
+            id INTEGER PRIMARY KEY,
+            node BLOB NOT NULL UNIQUE
+        );
+
+        -- Stable small ids of the synced tables' value columns (never reused, so dropping a
+        -- column does not shift the others): metadata and capture masks name columns by id.
+        CREATE TABLE IF NOT EXISTS _driftless_columns (
+            tbl INTEGER NOT NULL,
+            id INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            PRIMARY KEY (tbl, id),
+            UNIQUE (tbl, name)
         ) WITHOUT ROWID;
-        -- Covers the item hash: range fingerprints and bucket listings then read the index alone
-        -- instead of one primary-key search per row (versions before 0.1 had (tbl, bucket)).
-        DROP INDEX IF EXISTS _driftless_rows_bucket;
-        CREATE INDEX IF NOT EXISTS _driftless_rows_bucket_h ON _driftless_rows (tbl, bucket, h);
 
         -- Per table and top bucket: the XOR of its rows' item hashes, folded in once per write
         -- transaction, so range fingerprints cost 4,096 reads instead of a table scan.
@@ -60,15 +85,6 @@ pub fn install(conn: &Connection) -> rusqlite::Result<()> {
             fp INTEGER NOT NULL,
             PRIMARY KEY (tbl, bucket)
         ) WITHOUT ROWID;
-
-        -- The change log: local writes and applied remote changes, in order. AUTOINCREMENT so a
-        -- sequence number is never reused, even after compaction empties the tail.
-        CREATE TABLE IF NOT EXISTS _driftless_log (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            tbl TEXT NOT NULL,
-            pk BLOB NOT NULL,
-            change BLOB NOT NULL
-        );
 
         -- How far each sender's log has been applied here.
         CREATE TABLE IF NOT EXISTS _driftless_cursors (

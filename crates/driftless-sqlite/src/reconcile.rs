@@ -1,8 +1,8 @@
 //! Reconciliation support: range fingerprints, bucket contents, full row states for repairs, and
 //! the local check of table content against merge state (drift behind driftless's back).
 
-use crate::rowio::{key_part_from_sql, load_state, read_user_row, write_user_row};
-use crate::schema::{OP_INSERT, Synced, db, quote_ident};
+use crate::rowio::{key_part_from_sql, load_state, read_user_row, state_hash};
+use crate::schema::{Synced, db, quote_ident};
 use crate::store::SqliteStore;
 use driftless_core::{Change, Clock, NodeId, PrimaryKey, TableName, Value};
 use driftless_store::fingerprint::{FINE_PER_TOP, TOP_BUCKETS};
@@ -52,7 +52,7 @@ impl<C: Clock> SqliteStore<C> {
         table: &TableName,
         tops: &[u32],
     ) -> Result<Vec<(u32, Vec<i64>)>, StoreError> {
-        self.synced_or_err(table)?;
+        let synced = self.synced_or_err(table)?;
         if tops.len() > BUCKETS_PER_REQUEST_MAX {
             return Err(StoreError::BatchTooLarge {
                 len: tops.len(),
@@ -72,7 +72,7 @@ impl<C: Clock> SqliteStore<C> {
             let mut fps = vec![0i64; FINE_PER_TOP];
             let rows = stmt
                 .query_map(
-                    params![table.as_str(), first, first + FINE_PER_TOP as i64],
+                    params![synced.id, first, first + FINE_PER_TOP as i64],
                     |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
                 )
                 .map_err(db)?;
@@ -90,7 +90,7 @@ impl<C: Clock> SqliteStore<C> {
         table: &TableName,
         fine: &[u32],
     ) -> Result<Vec<(u32, PrimaryKey, i64)>, StoreError> {
-        self.synced_or_err(table)?;
+        let synced = self.synced_or_err(table)?;
         if fine.len() > BUCKETS_PER_REQUEST_MAX {
             return Err(StoreError::BatchTooLarge {
                 len: fine.len(),
@@ -104,7 +104,7 @@ impl<C: Clock> SqliteStore<C> {
         let mut out = Vec::new();
         for &bucket in fine {
             let rows = stmt
-                .query_map(params![table.as_str(), i64::from(bucket)], |r| {
+                .query_map(params![synced.id, i64::from(bucket)], |r| {
                     Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
                 })
                 .map_err(db)?;
@@ -130,12 +130,18 @@ impl<C: Clock> SqliteStore<C> {
                 max: KEYS_PER_REQUEST_MAX,
             });
         }
-        let mut out = Vec::new();
-        for key in keys {
-            let (state, _) = load_state(&self.conn, table.as_str(), key)?;
-            out.extend(state.to_changes(table, key, synced.schema.fingerprint));
-        }
-        Ok(out)
+        self.read_tx(|store| {
+            let mut out = Vec::new();
+            for key in keys {
+                let loaded = load_state(&store.conn, &synced, key, &store.nodes, None)?;
+                out.extend(
+                    loaded
+                        .state
+                        .to_changes(table, key, synced.schema.fingerprint),
+                );
+            }
+            Ok(out)
+        })
     }
 
     pub(crate) fn apply_repair_impl(
@@ -162,12 +168,13 @@ impl<C: Clock> SqliteStore<C> {
         })
     }
 
-    /// See [`driftless_store::Store::verify_chunk`]. The rule (docs/reconciliation.md): the merge
-    /// state is what was captured and replicated, so table content that differs from it was
-    /// written behind driftless's back. A row whose content differs, or that is missing while its
-    /// state says it exists, or present while its state says it was deleted, is restored from the
-    /// state, and the discarded content goes to the conflict ledger (rule `drift`). A row with no
-    /// state at all is adopted as a new local insert (nothing replicated can be overwritten).
+    /// See [`driftless_store::Store::verify_chunk`]. The rule (docs/reconciliation.md): table
+    /// content that differs from its merge state was written behind driftless's back (no
+    /// trigger saw it). Storage format 2 keeps no copy of `lww` values to restore from, so such
+    /// content is **adopted**: captured now as a local write of every column of the row (a
+    /// missing row as a delete, a row with no live state as an insert), as if a trigger had
+    /// fired. Cells whose winning value the metadata does keep (`max`, `min`, priority) are
+    /// merged by their rule and set back if the table's value loses.
     pub(crate) fn verify_chunk_impl(
         &mut self,
         table: &TableName,
@@ -184,7 +191,7 @@ impl<C: Clock> SqliteStore<C> {
             store.capture_all_in_tx(&mut captured)?;
             let user_keys = store.user_keys_after(&synced, after, limit)?;
             let upper = capture::chunk_end(&user_keys, user_keys.len() == limit);
-            let state_keys = store.state_keys_between(table, after, upper.as_ref())?;
+            let state_keys = store.state_keys_between(&synced, after, upper.as_ref())?;
             let keys = capture::chunk_keys(user_keys, state_keys);
             for key in &keys {
                 report.checked += 1;
@@ -241,27 +248,26 @@ impl<C: Clock> SqliteStore<C> {
         Ok(out)
     }
 
+    /// Keys of the table's merge states in `(after, upper]`. States are indexed by bucket, not
+    /// in key order, so this reads every state key of the table and filters: the local check
+    /// calls it per chunk only for the range's rows missing from the table.
     fn state_keys_between(
         &self,
-        table: &TableName,
+        synced: &Synced,
         after: Option<&PrimaryKey>,
         upper: Option<&PrimaryKey>,
     ) -> Result<Vec<PrimaryKey>, StoreError> {
-        let after_bytes = after.map(|k| k.as_bytes().to_vec()).unwrap_or_default();
+        let table = &synced.schema.name;
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT pk FROM _driftless_rows WHERE tbl = ?1 AND pk > ?2
-                 AND (?3 IS NULL OR pk <= ?3) ORDER BY pk",
+                "SELECT pk FROM _driftless_rows WHERE tbl = ?1 AND pk > ?2 AND (?3 IS NULL OR pk <= ?3)",
             )
             .map_err(db)?;
+        let after_bytes = after.map(|k| k.as_bytes().to_vec()).unwrap_or_default();
         let rows = stmt
             .query_map(
-                params![
-                    table.as_str(),
-                    after_bytes,
-                    upper.map(|k| k.as_bytes().to_vec())
-                ],
+                params![synced.id, after_bytes, upper.map(|k| k.as_bytes().to_vec())],
                 |r| r.get::<_, Vec<u8>>(0),
             )
             .map_err(db)?;
@@ -273,6 +279,7 @@ impl<C: Clock> SqliteStore<C> {
                     .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?,
             );
         }
+        out.sort();
         Ok(out)
     }
 
@@ -283,45 +290,37 @@ impl<C: Clock> SqliteStore<C> {
         repair: bool,
         report: &mut VerifyReport,
     ) -> Result<(), StoreError> {
-        let table = &synced.schema.name;
-        let (state, _) = load_state(&self.conn, table.as_str(), key)?;
         let row = match read_user_row(&self.conn, synced, key) {
             Ok(row) => row,
             Err(StoreError::Schema { .. }) => return Ok(()), // unrepresentable; refused at capture
             Err(e) => return Err(e),
         };
-        if state.version().is_none() {
-            if row.is_some() {
-                // in the table, never captured: adopt it as a local insert
-                if repair {
-                    let mut capture = CaptureReport::default();
-                    self.stamp_key(synced, OP_INSERT, key, &mut capture)?;
-                }
-                report.adopted += 1;
+        let loaded = load_state(&self.conn, synced, key, &self.nodes, Some(row.as_deref()))?;
+        let drifted = match (&loaded.stored, &row) {
+            (None, None) => false,
+            // in the table, never captured
+            (None, Some(_)) => true,
+            (Some((_, stored_hash)), _) => {
+                !capture::matches_row(&loaded.state, row.as_deref())
+                    || (row.is_some() && state_hash(key, &loaded.state) != *stored_hash)
             }
-            return Ok(());
-        }
-        let visible = state.visible();
-        let Some(differs) = capture::drift(visible.as_ref(), row.as_deref(), |_, table, held| {
-            Ok::<_, StoreError>(table == held)
-        })?
-        else {
-            return Ok(());
         };
-        if !repair {
-            report.restored += 1;
+        if !drifted {
             return Ok(());
         }
-        let version = state.version().expect("checked above");
-        let conflicts = capture::drift_conflicts(table, key, version, differs);
-        self.record_conflicts(&conflicts)?;
-        write_user_row(&self.conn, synced, key, visible.as_ref(), false).map_err(|reason| {
-            StoreError::Schema {
-                table: table.to_string(),
-                reason: format!("cannot restore {key} from its merge state: {reason}"),
-            }
-        })?;
-        report.restored += 1;
+        if repair {
+            let mut capture = CaptureReport::default();
+            let all = capture::Recorded {
+                all_columns: true,
+                ..capture::Recorded::default()
+            };
+            self.stamp_recorded(synced, key, &all, &mut capture)?;
+        }
+        if loaded.stored.is_none() {
+            report.adopted += 1;
+        } else {
+            report.restored += 1;
+        }
         Ok(())
     }
 }

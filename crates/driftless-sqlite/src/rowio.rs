@@ -1,10 +1,11 @@
-//! Reading and writing rows: user rows by primary key, row merge states, log entries, and the
-//! conversions between SQLite values and driftless values.
+//! Reading and writing rows: user rows by primary key, row merge states (metadata plus the
+//! values the table holds), and the conversions between SQLite values and driftless values.
 
 use crate::schema::{Synced, db, upsert_sql};
-use driftless_core::codec::{decode_row_state, encode_change, encode_row_state};
+use driftless_core::codec::encode_row_state;
 use driftless_core::{Change, ColumnName, KeyPart, PrimaryKey, RowState, Value};
-use driftless_store::{LogSeq, StoreError};
+use driftless_store::StoreError;
+use driftless_store::rowmeta::{NodeInterner, RowMeta};
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 use std::collections::BTreeMap;
@@ -133,53 +134,131 @@ pub fn write_user_row(
     Ok(())
 }
 
-/// A row's merge state and its current item hash (`None` if the row was never seen).
-pub fn load_state(
-    conn: &Connection,
-    table: &str,
-    key: &PrimaryKey,
-) -> Result<(RowState, Option<i64>), StoreError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT state, h FROM _driftless_rows WHERE tbl = ?1 AND pk = ?2")
-        .map_err(db)?;
-    let row: Option<(Vec<u8>, i64)> = stmt
-        .query_row(params![table, key.as_bytes()], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()
-        .map_err(db)?;
-    match row {
-        None => Ok((RowState::new(), None)),
-        Some((bytes, h)) => decode_row_state(&bytes)
-            .map(|state| (state, Some(h)))
-            .map_err(|e| StoreError::Corrupt(format!("row state of {table} {key}: {e}"))),
-    }
+/// What a row held before a change: its full merge state (values from the table where the
+/// metadata has none) and where it is stored (`None`: never seen).
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    pub state: RowState,
+    /// `(seq, item hash)` of the stored row.
+    pub stored: Option<(i64, i64)>,
 }
 
-/// Saves a row's merge state. Returns `(top bucket, fingerprint delta)`: the caller folds the
-/// delta into the top bucket's fingerprint (the XOR of its rows' item hashes) before the
-/// transaction commits, so many writes to one bucket cost one fingerprint update.
-pub fn save_state(
+/// A row's stored metadata: `(seq, item hash, meta)`, `None` if the row was never seen.
+pub fn load_meta(
     conn: &Connection,
-    table: &str,
+    table: &Synced,
     key: &PrimaryKey,
-    old_hash: Option<i64>,
-    state: &RowState,
-) -> Result<(usize, i64), StoreError> {
-    let bytes = encode_row_state(state);
-    let hash = driftless_store::fingerprint::item_hash(key, &bytes);
+) -> Result<Option<(i64, i64, Vec<u8>)>, StoreError> {
     let bucket = driftless_store::fingerprint::fine_bucket(key);
     let mut stmt = conn
         .prepare_cached(
-            "INSERT INTO _driftless_rows (tbl, pk, state, bucket, h) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (tbl, pk) DO UPDATE SET state = excluded.state, h = excluded.h",
+            "SELECT seq, h, meta FROM _driftless_rows WHERE tbl = ?1 AND bucket = ?2 AND pk = ?3",
         )
         .map_err(db)?;
-    stmt.execute(params![table, key.as_bytes(), bytes, bucket, hash])
-        .map_err(db)?;
+    stmt.query_row(params![table.id, bucket, key.as_bytes()], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })
+    .optional()
+    .map_err(db)
+}
+
+/// Rebuilds a row's full merge state from its metadata and, for the values the metadata does
+/// not hold, from `row` (the table's current values; `None` if the row is not there).
+pub fn rebuild(
+    table: &Synced,
+    key: &PrimaryKey,
+    seq: i64,
+    meta: &[u8],
+    nodes: &NodeInterner,
+    row: Option<&[(ColumnName, Value)]>,
+) -> Result<RowState, StoreError> {
+    let name = &table.schema.name;
+    let decoded = RowMeta::decode(meta, seq as u64, nodes)
+        .map_err(|e| StoreError::Corrupt(format!("row state of {name} {key}: {e}")))?;
+    decoded
+        .into_state(table, |column| {
+            row.and_then(|r| r.iter().find(|(c, _)| c == column))
+                .map(|(_, v)| v.clone())
+        })
+        .map_err(|e| StoreError::Corrupt(format!("row state of {name} {key}: {e}")))
+}
+
+/// Loads a row's merge state (reading the table row only when the metadata needs values from
+/// it). `row` may pass the table row when the caller already read it.
+pub fn load_state(
+    conn: &Connection,
+    table: &Synced,
+    key: &PrimaryKey,
+    nodes: &NodeInterner,
+    row: Option<Option<&[(ColumnName, Value)]>>,
+) -> Result<Loaded, StoreError> {
+    let Some((seq, h, meta)) = load_meta(conn, table, key)? else {
+        return Ok(Loaded::default());
+    };
+    let read;
+    let row = match row {
+        Some(row) => row,
+        None => {
+            read = read_user_row(conn, table, key)?;
+            read.as_deref()
+        }
+    };
+    let state = rebuild(table, key, seq, &meta, nodes, row)?;
+    Ok(Loaded {
+        state,
+        stored: Some((seq, h)),
+    })
+}
+
+/// The item hash of a row's state (the same in every adapter: over the full state, values
+/// included).
+pub fn state_hash(key: &PrimaryKey, state: &RowState) -> i64 {
+    driftless_store::fingerprint::item_hash(key, &encode_row_state(state))
+}
+
+/// Saves a row's merge state under sequence number `seq` (its new place in the log). Returns
+/// `(top bucket, fingerprint delta)`: the caller folds the delta into the top bucket's
+/// fingerprint (the XOR of its rows' item hashes) before the transaction commits, so many
+/// writes to one bucket cost one fingerprint update.
+pub fn save_state(
+    conn: &Connection,
+    table: &Synced,
+    key: &PrimaryKey,
+    loaded: &Loaded,
+    state: &RowState,
+    seq: i64,
+    nodes: &mut NodeInterner,
+) -> Result<(usize, i64), StoreError> {
+    let meta = RowMeta::from_state(state, seq as u64, &table.schema.rules, table)
+        .map_err(|e| StoreError::Corrupt(format!("state of {} {key}: {e}", table.schema.name)))?
+        .encode(nodes);
+    let hash = state_hash(key, state);
+    let bucket = driftless_store::fingerprint::fine_bucket(key);
+    match loaded.stored {
+        Some((old_seq, _)) => {
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE _driftless_rows SET seq = ?1, h = ?2, meta = ?3 WHERE seq = ?4",
+                )
+                .map_err(db)?;
+            stmt.execute(params![seq, hash, meta, old_seq])
+                .map_err(db)?;
+        }
+        None => {
+            let mut stmt = conn
+                .prepare_cached(
+                    "INSERT INTO _driftless_rows (seq, tbl, bucket, pk, h, meta)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(db)?;
+            stmt.execute(params![seq, table.id, bucket, key.as_bytes(), hash, meta])
+                .map_err(db)?;
+        }
+    }
+    let old_hash = loaded.stored.map_or(0, |(_, h)| h);
     Ok((
         driftless_store::fingerprint::top_of(bucket),
-        hash ^ old_hash.unwrap_or(0),
+        hash ^ old_hash,
     ))
 }
 
@@ -203,15 +282,35 @@ pub fn flush_fingerprints(
     Ok(())
 }
 
-pub fn append_log(conn: &Connection, change: &Change) -> Result<LogSeq, StoreError> {
-    let mut stmt = conn
-        .prepare_cached("INSERT INTO _driftless_log (tbl, pk, change) VALUES (?1, ?2, ?3)")
-        .map_err(db)?;
-    stmt.execute(params![
-        change.table.as_str(),
-        change.key.as_bytes(),
-        encode_change(change)
-    ])
+/// Test builds of the fault-injection harness (`fault-injection` feature, and
+/// `DRIFTLESS_HISTORY=1` in the environment) keep every change this replica made or applied in
+/// `_driftless_history`, in order: storage format 2 keeps only each row's latest state, and the
+/// harness's checker needs the full history of acknowledged writes. Never in a release build.
+#[cfg(feature = "fault-injection")]
+pub fn record_history(conn: &Connection, change: &Change) -> Result<(), StoreError> {
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var("DRIFTLESS_HISTORY").is_ok_and(|v| v == "1")) {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS _driftless_history (
+            seq INTEGER PRIMARY KEY, tbl TEXT NOT NULL, pk BLOB NOT NULL, change BLOB NOT NULL)",
+    )
     .map_err(db)?;
-    Ok(LogSeq(conn.last_insert_rowid() as u64))
+    conn.prepare_cached("INSERT INTO _driftless_history (tbl, pk, change) VALUES (?1, ?2, ?3)")
+        .and_then(|mut s| {
+            s.execute(params![
+                change.table.as_str(),
+                change.key.as_bytes(),
+                driftless_core::codec::encode_change(change)
+            ])
+        })
+        .map_err(db)?;
+    Ok(())
+}
+
+#[cfg(not(feature = "fault-injection"))]
+pub fn record_history(_conn: &Connection, _change: &Change) -> Result<(), StoreError> {
+    Ok(())
 }

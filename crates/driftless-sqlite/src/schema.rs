@@ -127,12 +127,21 @@ pub const OP_DELETE: i64 = 3;
 /// looks at whether it still exists.
 pub const OP_CHECK: i64 = 4;
 
-/// The three capture triggers of a table as `(name, CREATE TRIGGER statement)`. Each records
-/// only the table id, the operation and the primary key; values are read from the table when the
-/// write is stamped. No `WHEN` clause: a condition evaluated on every user write measurably slows
-/// bulk inserts, so driftless instead removes the records of its own writes inside its own
-/// transactions (see `SqliteStore::write_tx`).
-pub fn trigger_sql(schema: &TableSchema, id: i64) -> [(String, String); 3] {
+/// Bit of the changed-columns mask that a value column with stable id `id` sets: one bit per
+/// column for the first 63, the last bit shared by all the others (then all of those count as
+/// changed).
+pub fn mask_bit(id: u32) -> u32 {
+    id.min(63)
+}
+
+/// The three capture triggers of a table as `(name, CREATE TRIGGER statement)`. Each records the
+/// table id, the operation and the primary key, and an update also which columns it changed (a
+/// mask over the columns' stable ids, from `OLD.c IS NOT NEW.c`): storage format 2 keeps no copy
+/// of the values to compare with, so the trigger is the one place that still sees the old row.
+/// Values are read from the table when the write is stamped. No `WHEN` clause: a condition
+/// evaluated on every user write measurably slows bulk inserts, so driftless instead removes the
+/// records of its own writes inside its own transactions (see `SqliteStore::write_tx`).
+pub fn trigger_sql(schema: &TableSchema, id: i64, column_ids: &[u32]) -> [(String, String); 3] {
     let table = schema.name.as_str();
     let qtable = quote_ident(table);
     let keys = schema.key_columns();
@@ -151,6 +160,19 @@ pub fn trigger_sql(schema: &TableSchema, id: i64) -> [(String, String); 3] {
         })
         .collect::<Vec<_>>()
         .join(" OR ");
+    let mask_terms: Vec<String> = schema
+        .value_columns()
+        .zip(column_ids)
+        .map(|(c, id)| {
+            let q = quote_ident(c.name.as_str());
+            format!("((OLD.{q} IS NOT NEW.{q}) << {})", mask_bit(*id))
+        })
+        .collect();
+    let mask = if mask_terms.is_empty() {
+        "0".to_owned()
+    } else {
+        mask_terms.join(" | ")
+    };
     let name = |op: &str| format!("_driftless_{op}_{table}");
     [
         (
@@ -167,7 +189,7 @@ pub fn trigger_sql(schema: &TableSchema, id: i64) -> [(String, String); 3] {
                 "CREATE TRIGGER {} AFTER UPDATE ON {qtable} BEGIN \
                  INSERT INTO _driftless_pending (tbl, op{target}) \
                  SELECT {id}, {OP_DELETE}{old} WHERE {key_changed}; \
-                 INSERT INTO _driftless_pending (tbl, op{target}) VALUES ({id}, {OP_UPDATE}{new}); END",
+                 INSERT INTO _driftless_pending (tbl, op, cols{target}) VALUES ({id}, {OP_UPDATE}, {mask}{new}); END",
                 quote_ident(&name("upd"))
             ),
         ),
@@ -283,12 +305,15 @@ fn replace_trigger_sql(
 
 /// Installs the capture triggers unless exactly these are already installed. Leaving identical
 /// triggers alone keeps the schema version still, so other connections (a running node, the
-/// user's app) do not have to re-read the schema every time a tool opens the database.
+/// user's app) do not have to re-read the schema every time a tool opens the database. Returns
+/// whether a capture trigger was (re)installed: records made before then by other triggers may
+/// carry a mask over other columns.
 pub fn install_triggers(
     conn: &Connection,
     schema: &TableSchema,
     id: i64,
-) -> Result<(), StoreError> {
+    column_ids: &[u32],
+) -> Result<bool, StoreError> {
     let unique = unique_indexes(conn, schema.name.as_str())?;
     let replace = replace_trigger_sql(schema, id, &unique);
     if replace.is_empty() {
@@ -309,7 +334,12 @@ pub fn install_triggers(
             }
         }
     }
-    for (name, sql) in trigger_sql(schema, id).into_iter().chain(replace) {
+    let mut reinstalled = false;
+    for (i, (name, sql)) in trigger_sql(schema, id, column_ids)
+        .into_iter()
+        .chain(replace)
+        .enumerate()
+    {
         let existing: Option<String> = conn
             .query_row(
                 "SELECT sql FROM sqlite_schema WHERE type = 'trigger' AND name = ?1",
@@ -323,9 +353,10 @@ pub fn install_triggers(
                 quote_ident(&name)
             ))
             .map_err(db)?;
+            reinstalled |= i < 3;
         }
     }
-    Ok(())
+    Ok(reinstalled)
 }
 
 /// A synced table with its id and the SQL text driftless runs against it, built once per
@@ -334,6 +365,10 @@ pub fn install_triggers(
 pub struct Synced {
     pub id: i64,
     pub schema: TableSchema,
+    /// The stable id of each value column (declaration order), as metadata stores columns.
+    pub column_ids: Vec<u32>,
+    /// Value column names by stable id.
+    pub by_id: std::collections::BTreeMap<u32, driftless_core::ColumnName>,
     /// `SELECT <value columns> FROM t WHERE <key> = ?..`
     pub select_row: String,
     /// `DELETE FROM t WHERE <key> = ?..`
@@ -343,7 +378,7 @@ pub struct Synced {
 }
 
 impl Synced {
-    pub fn new(id: i64, schema: TableSchema) -> Self {
+    pub fn new(id: i64, schema: TableSchema, column_ids: Vec<u32>) -> Self {
         let table = quote_ident(schema.name.as_str());
         let keys = schema.key_columns();
         let key_where = keys
@@ -363,14 +398,61 @@ impl Synced {
         };
         let all: Vec<&str> = schema.value_columns().map(|c| c.name.as_str()).collect();
         let upsert_all = upsert_sql(&schema, &all);
+        let by_id = schema
+            .value_columns()
+            .zip(&column_ids)
+            .map(|(c, id)| (*id, c.name.clone()))
+            .collect();
         Synced {
             id,
+            column_ids,
+            by_id,
             select_row: format!("SELECT {select} FROM {table} WHERE {key_where}"),
             delete_row: format!("DELETE FROM {table} WHERE {key_where}"),
             upsert_all,
             schema,
         }
     }
+}
+
+impl driftless_store::rowmeta::ColumnIds for Synced {
+    fn id_of(&self, column: &driftless_core::ColumnName) -> Option<u32> {
+        self.schema
+            .value_columns()
+            .position(|c| &c.name == column)
+            .map(|i| self.column_ids[i])
+    }
+    fn name_of(&self, id: u32) -> Option<&driftless_core::ColumnName> {
+        self.by_id.get(&id)
+    }
+}
+
+/// The stable ids of a table's value columns, assigning new ones (never reused) to columns seen
+/// for the first time. Ids, not positions, because a dropped column shifts every later one.
+pub fn column_ids(
+    conn: &Connection,
+    schema: &TableSchema,
+    id: i64,
+) -> Result<Vec<u32>, StoreError> {
+    let mut out = Vec::new();
+    for column in schema.value_columns() {
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO _driftless_columns (tbl, id, name)
+             SELECT ?1, coalesce(max(id) + 1, 0), ?2 FROM _driftless_columns WHERE tbl = ?1",
+        )
+        .and_then(|mut s| s.execute(rusqlite::params![id, column.name.as_str()]))
+        .map_err(db)?;
+        let cid: i64 = conn
+            .prepare_cached("SELECT id FROM _driftless_columns WHERE tbl = ?1 AND name = ?2")
+            .and_then(|mut s| {
+                s.query_row(rusqlite::params![id, column.name.as_str()], |r| r.get(0))
+            })
+            .map_err(db)?;
+        out.push(u32::try_from(cid).map_err(|_| {
+            StoreError::Corrupt(format!("column id {cid} of {} out of range", schema.name))
+        })?);
+    }
+    Ok(out)
 }
 
 /// `INSERT INTO t (<key>, <columns>) VALUES (?..) ON CONFLICT (<key>) DO UPDATE SET ...`

@@ -66,6 +66,15 @@ pub struct SqliteStore<C: Clock = SystemClock> {
     pub(crate) pending_mark: i64,
     /// ... and the highest record stamped so far.
     pub(crate) pending_done: i64,
+    /// Node ids interned to the small integers metadata stores.
+    pub(crate) nodes: driftless_store::rowmeta::NodeInterner,
+    /// Inside a write transaction: the sequence number the next changed row state takes.
+    pub(crate) next_seq: i64,
+    /// Capture records up to this one may carry a changed-columns mask made by triggers over
+    /// an older column list (a schema change reinstalled them): stamping also counts columns
+    /// the row has no cell for yet (see `capture::Recorded::new_columns`). 0 when every
+    /// record's mask covers every column.
+    pub(crate) masks_untrusted_through: i64,
     /// Fingerprint deltas per (table, top bucket) of the current write transaction, folded in
     /// just before it commits.
     pub(crate) fingerprint_deltas: std::collections::HashMap<(String, usize), i64>,
@@ -74,6 +83,9 @@ pub struct SqliteStore<C: Clock = SystemClock> {
     pub(crate) dead_letters_present: bool,
     /// `PRAGMA schema_version` when the schemas were last read; a change means DDL happened.
     pub(crate) schema_version: i64,
+    /// The HLC reading last stored in `_driftless_meta` (a transaction that did not move the
+    /// clock writes nothing there).
+    pub(crate) hlc_stored: i64,
     pub(crate) path: PathBuf,
 }
 
@@ -143,9 +155,13 @@ impl<C: Clock> SqliteStore<C> {
             synced: Vec::new(),
             pending_mark: 0,
             pending_done: 0,
+            nodes: Default::default(),
+            next_seq: 1,
+            masks_untrusted_through: 0,
             dead_letters_present: true,
             fingerprint_deltas: std::collections::HashMap::new(),
             schema_version: -1,
+            hlc_stored: -1,
             path: path.clone(),
         };
         store.install(options.node_id).map_err(install_error)?;
@@ -161,6 +177,7 @@ impl<C: Clock> SqliteStore<C> {
     }
 
     fn install_in_tx(&mut self, wanted: Option<NodeId>) -> Result<(), StoreError> {
+        let legacy = crate::upgrade::prepare(&self.conn)?;
         meta::install(&self.conn).map_err(db)?;
         self.node = match meta::get_blob(&self.conn, "node_id").map_err(db)? {
             Some(bytes) => {
@@ -186,7 +203,62 @@ impl<C: Clock> SqliteStore<C> {
         if let Some(last) = meta::get_i64(&self.conn, "hlc").map_err(db)? {
             self.hlc.observe_persisted(Timestamp::from_u64(last as u64));
         }
-        self.refresh_schemas_in_tx(true)
+        self.masks_untrusted_through = meta::get_i64(&self.conn, "masks_untrusted_through")
+            .map_err(db)?
+            .unwrap_or(0);
+        self.load_nodes()?;
+        self.refresh_schemas_in_tx(true)?;
+        if let Some(legacy) = legacy {
+            self.next_seq = self.head_seq()? + 1;
+            crate::upgrade::convert(self, legacy)?;
+            self.flush_nodes()?;
+        }
+        meta::set(&self.conn, "format", meta::FORMAT).map_err(db)?;
+        Ok(())
+    }
+
+    /// Reloads the node interner from its table (at open, and after a rolled-back transaction
+    /// that may have interned nodes it never stored).
+    pub(crate) fn load_nodes(&mut self) -> Result<(), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, node FROM _driftless_nodes")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .map_err(db)?;
+        let mut stored = Vec::new();
+        for row in rows {
+            let (id, bytes) = row.map_err(db)?;
+            let bytes: [u8; 16] = bytes
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("node {id} is not 16 bytes")))?;
+            let id = u32::try_from(id)
+                .map_err(|_| StoreError::Corrupt(format!("node index {id} out of range")))?;
+            stored.push((id, NodeId::from_bytes(bytes)));
+        }
+        self.nodes = driftless_store::rowmeta::NodeInterner::from_stored(stored)
+            .map_err(StoreError::Corrupt)?;
+        Ok(())
+    }
+
+    /// Stores the nodes interned in the current transaction.
+    pub(crate) fn flush_nodes(&mut self) -> Result<(), StoreError> {
+        for (id, node) in self.nodes.take_fresh() {
+            self.conn
+                .prepare_cached("INSERT INTO _driftless_nodes (id, node) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(rusqlite::params![id, node.to_bytes().to_vec()]))
+                .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    /// The highest row sequence number (the log's head; 0 when empty).
+    pub(crate) fn head_seq(&self) -> Result<i64, StoreError> {
+        self.conn
+            .prepare_cached("SELECT coalesce(max(seq), 0) FROM _driftless_rows")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(db)
     }
 
     /// Re-reads the synced tables' schemas and reinstalls the triggers. With `bootstrap`,
@@ -210,7 +282,21 @@ impl<C: Clock> SqliteStore<C> {
                     |r| r.get(0),
                 )
                 .map_err(db)?;
-            install_triggers(&self.conn, &schema, id)?;
+            let column_ids = crate::schema::column_ids(&self.conn, &schema, id)?;
+            if install_triggers(&self.conn, &schema, id, &column_ids)? {
+                let newest: i64 = self
+                    .conn
+                    .query_row(
+                        "SELECT coalesce(max(seq), 0) FROM _driftless_pending",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(db)?;
+                if newest > self.masks_untrusted_through {
+                    self.masks_untrusted_through = newest;
+                    meta::set(&self.conn, "masks_untrusted_through", newest).map_err(db)?;
+                }
+            }
             let installed_key = format!("installed:{}", schema.name);
             if bootstrap
                 && meta::get_i64(&self.conn, &installed_key)
@@ -222,7 +308,7 @@ impl<C: Clock> SqliteStore<C> {
                     .map_err(db)?;
                 meta::set(&self.conn, &installed_key, 1).map_err(db)?;
             }
-            synced.push(Arc::new(Synced::new(id, schema.clone())));
+            synced.push(Arc::new(Synced::new(id, schema.clone(), column_ids)));
             schemas.push(schema);
         }
         self.schemas = schemas;
@@ -253,6 +339,7 @@ impl<C: Clock> SqliteStore<C> {
                 .and_then(|mut s| s.query_row([], |r| r.get(0)))
                 .map_err(db)?;
             self.pending_done = 0;
+            self.next_seq = self.head_seq()? + 1;
             self.fingerprint_deltas.clear();
             self.dead_letters_present = self
                 .conn
@@ -265,35 +352,86 @@ impl<C: Clock> SqliteStore<C> {
                 self.refresh_schemas_in_tx(false)?;
             }
             let value = body(self)?;
+            self.flush_nodes()?;
             crate::rowio::flush_fingerprints(&self.conn, &self.fingerprint_deltas)?;
             self.fingerprint_deltas.clear();
             self.conn
                 .prepare_cached("DELETE FROM _driftless_pending WHERE seq <= ?1 OR seq > ?2")
                 .and_then(|mut s| s.execute([self.pending_done, self.pending_mark]))
                 .map_err(db)?;
-            meta::set(&self.conn, "hlc", self.hlc.last().as_u64() as i64).map_err(db)?;
+            if self.masks_untrusted_through > 0 && self.pending_done >= self.masks_untrusted_through
+            {
+                self.masks_untrusted_through = 0;
+                meta::set(&self.conn, "masks_untrusted_through", 0).map_err(db)?;
+            }
+            let hlc = self.hlc.last().as_u64() as i64;
+            if hlc != self.hlc_stored {
+                meta::set(&self.conn, "hlc", hlc).map_err(db)?;
+            }
             self.conn.execute_batch("COMMIT").map_err(db)?;
+            self.hlc_stored = hlc;
             Ok(value)
         })();
         if result.is_err() {
             // Best effort: the transaction may already be gone if COMMIT itself failed.
             let _ = self.conn.execute_batch("ROLLBACK");
+            self.nodes.roll_back();
+            self.masks_untrusted_through = meta::get_i64(&self.conn, "masks_untrusted_through")
+                .ok()
+                .flatten()
+                .unwrap_or(0);
         }
         result
     }
 
-    /// Saves a row's merge state and remembers its fingerprint delta for the commit.
+    /// Runs `body` on a consistent snapshot in which the table rows match their states: a read
+    /// transaction when no local write waits to be stamped (the usual case), else a write
+    /// transaction that stamps them first. Reading a row's `lww` values from the table while a
+    /// local write to it is unstamped would pair the new value with the old version.
+    pub(crate) fn read_tx<T>(
+        &mut self,
+        body: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.conn.execute_batch("BEGIN").map_err(db)?;
+        let quiet = self
+            .conn
+            .prepare_cached("SELECT NOT EXISTS (SELECT 1 FROM _driftless_pending)")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)))
+            .map_err(db);
+        match quiet {
+            Ok(true) => {
+                let result = body(self);
+                let _ = self.conn.execute_batch("COMMIT");
+                result
+            }
+            other => {
+                let _ = self.conn.execute_batch("COMMIT");
+                other?;
+                self.write_tx(|store| {
+                    let mut captured = driftless_store::CaptureReport::default();
+                    store.capture_all_in_tx(&mut captured)?;
+                    body(store)
+                })
+            }
+        }
+    }
+
+    /// Saves a row's merge state under a new sequence number (it moves to the log's head) and
+    /// remembers its fingerprint delta for the commit. `loaded` is what the row held before.
     pub(crate) fn save_row_state(
         &mut self,
-        table: &str,
+        synced: &Synced,
         key: &driftless_core::PrimaryKey,
-        old_hash: Option<i64>,
+        loaded: &crate::rowio::Loaded,
         state: &driftless_core::RowState,
     ) -> Result<(), StoreError> {
-        let (top, delta) = crate::rowio::save_state(&self.conn, table, key, old_hash, state)?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let (top, delta) =
+            crate::rowio::save_state(&self.conn, synced, key, loaded, state, seq, &mut self.nodes)?;
         *self
             .fingerprint_deltas
-            .entry((table.to_owned(), top))
+            .entry((synced.schema.name.to_string(), top))
             .or_default() ^= delta;
         Ok(())
     }

@@ -55,6 +55,74 @@ pub fn plan(op: CapturedOp, state: &RowState, current: Option<&[(ColumnName, Val
     }
 }
 
+/// What the capture records of one row between two stamps add up to, in storage format 2
+/// (the triggers record which columns an update changed, because no copy of the old values is
+/// kept to compare with).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// An insert was recorded (or a record whose column mask cannot be trusted): every column
+    /// counts as written. An `INSERT OR REPLACE` of an existing row is such an insert.
+    pub all_columns: bool,
+    /// A delete was recorded (the row may have been inserted again after it).
+    pub deleted: bool,
+    /// Union of the updates' changed-column masks (bit per column id, see the adapter).
+    pub mask: u64,
+    /// Some records were made by triggers installed before the table gained columns: their
+    /// masks cover the older columns only, so a column with no cell in the row's state and a
+    /// value that is not NULL counts as changed too.
+    pub new_columns: bool,
+}
+
+impl Recorded {
+    /// Adds one record: `op`, and for an update its mask (`None`: not trusted, or not an
+    /// update).
+    pub fn add(&mut self, op: CapturedOp, mask: Option<u64>) {
+        match op {
+            CapturedOp::Insert => self.all_columns = true,
+            CapturedOp::Delete => self.deleted = true,
+            CapturedOp::Update => match mask {
+                Some(m) => self.mask |= m,
+                None => self.all_columns = true,
+            },
+            CapturedOp::Check => {}
+        }
+    }
+}
+
+/// Decides what the records of a row become, given its merge state and what the table holds
+/// now (`None`: the row is gone). `bit` maps a column to its mask bit. Several writes between
+/// two stamps become at most one change per life: intermediate values are never replicated.
+pub fn plan_recorded(
+    recorded: &Recorded,
+    state: &RowState,
+    current: Option<&[(ColumnName, Value)]>,
+    bit: impl Fn(&ColumnName) -> Option<u32>,
+) -> Vec<Stamp> {
+    match current {
+        None if state.is_live() => vec![Stamp::Delete],
+        None => Vec::new(),
+        Some(row) if !state.is_live() => vec![Stamp::Insert(row.to_vec())],
+        // deleted and written again: a new life of the row
+        Some(row) if recorded.deleted => vec![Stamp::Delete, Stamp::Insert(row.to_vec())],
+        Some(row) => {
+            let changed: Vec<(ColumnName, Value)> = row
+                .iter()
+                .filter(|(c, v)| {
+                    recorded.all_columns
+                        || bit(c).is_some_and(|b| recorded.mask & (1 << b) != 0)
+                        || (recorded.new_columns && !v.is_null() && !state.cells().contains_key(c))
+                })
+                .cloned()
+                .collect();
+            if changed.is_empty() {
+                Vec::new()
+            } else {
+                vec![Stamp::Update(changed)]
+            }
+        }
+    }
+}
+
 /// Builds the change for a planned stamp with its version (`Stamp::Nothing` has no change).
 pub fn build(
     stamp: Stamp,
@@ -233,6 +301,72 @@ mod tests {
         // the adapter's comparison decides (e.g. two spellings of one value)
         let lenient = |_: usize, _: &Value, _: &Value| Ok::<_, ()>(true);
         assert_eq!(drift(Some(&state), Some(&edited), lenient), Ok(None));
+    }
+
+    #[test]
+    fn recorded_writes_become_one_change_per_life_with_the_masked_columns() {
+        let rules = driftless_core::TableRules::new();
+        let table = driftless_core::TableName::new("t").unwrap();
+        let key = PrimaryKey::integer(1);
+        let v = |t| {
+            Version::new(
+                driftless_core::Timestamp::new(t, 0),
+                driftless_core::NodeId::new(1),
+            )
+        };
+        let row = vec![(col("a"), Value::Integer(1)), (col("b"), Value::Integer(2))];
+        let mut live = RowState::new();
+        let insert = live
+            .local_insert(&table, &key, v(1), row.clone(), &rules, Default::default())
+            .unwrap();
+        live.apply(&insert, &rules).unwrap();
+        let bit = |c: &ColumnName| Some(if c.as_str() == "a" { 0 } else { 1 });
+        let mut r = Recorded::default();
+        r.add(CapturedOp::Update, Some(0b10));
+        assert_eq!(
+            plan_recorded(&r, &live, Some(&row), bit),
+            vec![Stamp::Update(vec![(col("b"), Value::Integer(2))])]
+        );
+        // a no-op update, and a check of a row that is still there: nothing
+        assert!(plan_recorded(&Recorded::default(), &live, Some(&row), bit).is_empty());
+        // a mask made before column c was added: c counts when it has a value and no cell
+        let mut r = Recorded::default();
+        r.add(CapturedOp::Update, Some(0b01));
+        r.new_columns = true;
+        let wider = vec![
+            (col("a"), Value::Integer(1)),
+            (col("b"), Value::Integer(2)),
+            (col("c"), Value::Integer(3)),
+        ];
+        assert_eq!(
+            plan_recorded(&r, &live, Some(&wider), bit),
+            vec![Stamp::Update(vec![
+                (col("a"), Value::Integer(1)),
+                (col("c"), Value::Integer(3))
+            ])]
+        );
+        // an untrusted mask or an insert over a live row: every column
+        let mut r = Recorded::default();
+        r.add(CapturedOp::Update, None);
+        assert_eq!(
+            plan_recorded(&r, &live, Some(&row), bit),
+            vec![Stamp::Update(row.clone())]
+        );
+        // deleted, then inserted again: a new life
+        let mut r = Recorded::default();
+        r.add(CapturedOp::Delete, None);
+        r.add(CapturedOp::Insert, None);
+        assert_eq!(
+            plan_recorded(&r, &live, Some(&row), bit),
+            vec![Stamp::Delete, Stamp::Insert(row.clone())]
+        );
+        // gone now: a delete if it existed, else nothing; new: an insert
+        assert_eq!(plan_recorded(&r, &live, None, bit), vec![Stamp::Delete]);
+        assert!(plan_recorded(&r, &RowState::new(), None, bit).is_empty());
+        assert_eq!(
+            plan_recorded(&Recorded::default(), &RowState::new(), Some(&row), bit),
+            vec![Stamp::Insert(row)]
+        );
     }
 
     #[test]

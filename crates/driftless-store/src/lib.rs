@@ -9,6 +9,7 @@ mod clock;
 pub mod digest;
 pub mod fingerprint;
 pub mod ledger;
+pub mod rowmeta;
 mod types;
 
 pub use clock::{SystemClock, random_node_id, random_u64, set_clock_skew_ms};

@@ -276,7 +276,7 @@ fn check_captured(replicas: &[Replica], ops: &[ClientOp], v: &mut Verdict) {
             {
                 v.lost_acked_writes += 1;
                 v.problem(format!(
-                    "n{i}: the acknowledged write items({key}).{column} = {text:?} is not among n{i}'s own changes in its _driftless_log"
+                    "n{i}: the acknowledged write items({key}).{column} = {text:?} is not among n{i}'s own changes in its change history"
                 ));
             }
         }

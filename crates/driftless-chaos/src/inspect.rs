@@ -1,7 +1,8 @@
 //! Reading a replica straight from its SQLite file or PostgreSQL database, never through
-//! driftless: the synced tables as a canonical dump, the node's own changes from its change log
-//! (`_driftless_log` in SQLite, `driftless.log` in PostgreSQL), and the counters that say whether
-//! replication is quiet (pending local writes, held changes, cursors, log head).
+//! driftless: the synced tables as a canonical dump, the node's own changes from its change
+//! history (SQLite: `_driftless_history`, which the harness's test build keeps because storage
+//! format 2 stores only each row's latest state; PostgreSQL: `driftless.log`), and the counters
+//! that say whether replication is quiet (pending local writes, held changes, cursors, log head).
 //!
 //! Both kinds are read into the same [`Replica`], cell values as driftless values
 //! (`bigint`/`INTEGER` as `Integer`, `text`/`TEXT` as `Text`, docs/postgres.md "Types"), so the
@@ -139,7 +140,7 @@ fn probe_sqlite(db: &Path) -> rusqlite::Result<Probe> {
     Ok(Probe {
         pending: count(&conn, "SELECT count(*) FROM _driftless_pending")?,
         held: count(&conn, "SELECT count(*) FROM _driftless_held")?,
-        log_head: count(&conn, "SELECT coalesce(max(seq), 0) FROM _driftless_log")?,
+        log_head: count(&conn, "SELECT coalesce(max(seq), 0) FROM _driftless_rows")?,
         cursors,
     })
 }
@@ -155,10 +156,17 @@ fn read_sqlite(db: &Path, node: NodeId) -> rusqlite::Result<Replica> {
         ..Replica::default()
     };
     let mut entries = Vec::new();
-    let mut stmt = conn.prepare("SELECT change FROM _driftless_log ORDER BY seq")?;
-    let mut query = stmt.query([])?;
-    while let Some(row) = query.next()? {
-        entries.push(row.get::<_, Vec<u8>>(0)?);
+    let has_history: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE name = '_driftless_history'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_history > 0 {
+        let mut stmt = conn.prepare("SELECT change FROM _driftless_history ORDER BY seq")?;
+        let mut query = stmt.query([])?;
+        while let Some(row) = query.next()? {
+            entries.push(row.get::<_, Vec<u8>>(0)?);
+        }
     }
     add_log(&mut replica, entries, node);
     Ok(replica)

@@ -179,6 +179,8 @@ impl NodeProcess {
             .current_dir(&self.dir)
             .env("DRIFTLESS_LOG", "info")
             .env("DRIFTLESS_CLOCK_SKEW_FILE", &self.skew_file)
+            // the test build keeps every change it made or applied, for the checker (inspect.rs)
+            .env("DRIFTLESS_HISTORY", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));

@@ -99,22 +99,38 @@ async fn a_hub_relays_between_spokes_that_never_talk_directly() {
         1 + 1 + 2 + 3
     );
     assert_eq!(spokes[1].query_i64("SELECT count(*) FROM items"), 4);
-    // multi-hop keeps origin and version: a spoke's log entry for s1's row names s1 as origin
-    let origin_ok = {
+    // multi-hop keeps origin and version: s3's stored state of s1's own row 10 names s1 as origin
+    let origin = {
         let conn = rusqlite::Connection::open(&spokes[2].db).unwrap();
-        let bytes: Vec<u8> = conn
+        let mut stmt = conn.prepare("SELECT id, node FROM _driftless_nodes").unwrap();
+        let stored: Vec<(u32, driftless_core::NodeId)> = stmt
+            .query_map([], |r| {
+                let bytes: Vec<u8> = r.get(1)?;
+                Ok((r.get(0)?, driftless_core::NodeId::from_bytes(bytes.try_into().unwrap())))
+            })
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let nodes = driftless_store::rowmeta::NodeInterner::from_stored(stored).unwrap();
+        let key = driftless_core::PrimaryKey::integer(10);
+        let (seq, meta): (i64, Vec<u8>) = conn
             .query_row(
-                "SELECT change FROM _driftless_log WHERE pk = ?1 ORDER BY seq LIMIT 1",
-                [driftless_core::PrimaryKey::integer(1).as_bytes()],
-                |r| r.get(0),
+                "SELECT seq, meta FROM _driftless_rows WHERE pk = ?1",
+                [key.as_bytes()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap();
-        driftless_core::codec::decode_change(&bytes)
+        driftless_store::rowmeta::RowMeta::decode(&meta, seq as u64, &nodes)
             .unwrap()
-            .origin()
-            == driftless_node::node_id_from_name("s1")
+            .version
+            .unwrap()
+            .node
     };
-    assert!(origin_ok, "relayed changes keep their origin");
+    assert_eq!(
+        origin,
+        driftless_node::node_id_from_name("s1"),
+        "relayed changes keep their origin"
+    );
     for node in spokes.iter_mut().chain([&mut hub]) {
         node.stop().await.unwrap();
     }
@@ -357,11 +373,12 @@ async fn tokens_are_checked_and_garbage_frames_are_refused_without_disturbing_ot
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_offline_catches_up_and_one_beyond_retention_is_rebootstrapped() {
+async fn a_peer_offline_catches_up_from_its_cursor_however_much_changed() {
     let dir = tempfile::tempdir().unwrap();
     let hub_ports = Ports::bind().await;
     let hub_addr = hub_ports.peer_addr();
-    // a tiny log: compaction every second, at most 50 entries kept
+    // a tiny retention, which storage format 2 no longer needs: the log is the rows' states, so
+    // a returning peer always streams from its cursor, never from a snapshot
     let hub_cfg = config_text("hub", &insecure_listen(&hub_ports), "").replace(
         "[sync]\n",
         "[sync]\ncompact_interval_ms = 1000\nretain_entries_min = 0\nretain_entries_max = 50\n",
@@ -380,7 +397,7 @@ async fn a_peer_offline_catches_up_and_one_beyond_retention_is_rebootstrapped() 
     converge(&[&hub, &edge]).await;
 
     edge.stop().await.unwrap();
-    // while the edge is away: 500 rows, far beyond what the hub's log keeps
+    // while the edge is away: 500 rows, far beyond the retention setting
     let mut sql = String::from("BEGIN;");
     for i in 2..=501 {
         sql.push_str(&format!(
@@ -390,17 +407,18 @@ async fn a_peer_offline_catches_up_and_one_beyond_retention_is_rebootstrapped() 
     sql.push_str("COMMIT;");
     hub.sql(&sql);
     edge.sql("UPDATE items SET name = 'edited offline' WHERE id = 1");
-    // let the hub compact its log past the edge's cursor
+    // let the hub run its compaction
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     edge.restart(edge_addr).await;
     converge(&[&hub, &edge]).await;
     assert_eq!(edge.query_i64("SELECT count(*) FROM items"), 501);
     let hub_status = hub.status().await;
     let link = hub_status.peers.iter().find(|p| p.name == "edge").unwrap();
-    assert_eq!(link.snapshots_sent, 1, "{link:?}");
-    assert!(
-        hub.query_i64("SELECT count(*) FROM _driftless_log") <= 60,
-        "the hub's log was compacted"
+    assert_eq!(link.snapshots_sent, 0, "{link:?}");
+    assert_eq!(
+        hub.query_i64("SELECT count(*) FROM _driftless_rows"),
+        501,
+        "the hub's log is one state per row"
     );
     assert_eq!(
         hub.query_i64("SELECT count(*) FROM items WHERE name = 'edited offline'"),

@@ -149,31 +149,23 @@ async fn rows_changed_behind_drifless_back_are_found_and_repaired_on_both_sides(
         .await
         .unwrap();
     assert!(fixed.found_differences());
-    // the replicated state wins over the uncaptured edits; the uncaptured insert is adopted
+    // storage format 2 keeps no copy of lww values to restore from: the uncaptured writes are
+    // adopted, captured as local writes of the side that made them, and replicated
     converge(&[&p.hub, &p.edge]).await;
     for node in [&p.hub, &p.edge] {
         assert_eq!(
-            node.query_i64("SELECT count(*) FROM items WHERE id = 1 AND name = 'item 1'"),
+            node.query_i64(
+                "SELECT count(*) FROM items WHERE id = 1 AND name = 'edited behind its back'"
+            ),
             1
         );
-        assert_eq!(node.query_i64("SELECT count(*) FROM items WHERE id = 2"), 1);
-        assert_eq!(node.query_i64("SELECT count(*) FROM items WHERE id = 3"), 1);
+        assert_eq!(node.query_i64("SELECT count(*) FROM items WHERE id = 2"), 0);
+        assert_eq!(node.query_i64("SELECT count(*) FROM items WHERE id = 3"), 0);
         assert_eq!(
             node.query_i64("SELECT count(*) FROM items WHERE id = 999"),
             1
         );
     }
-    // the discarded content is in each side's ledger, rule "drift", and counted as drift
-    assert!(
-        p.edge
-            .query_i64("SELECT count(*) FROM _driftless_conflicts WHERE rule = 'drift'")
-            >= 2
-    );
-    assert!(
-        p.hub
-            .query_i64("SELECT count(*) FROM _driftless_conflicts WHERE rule = 'drift'")
-            >= 1
-    );
     for node in [&p.hub, &p.edge] {
         let metrics = node.metrics().await;
         assert!(
@@ -191,7 +183,7 @@ async fn rows_changed_behind_drifless_back_are_found_and_repaired_on_both_sides(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_scheduled_local_check_restores_rows_written_behind_drifless_back() {
+async fn the_scheduled_local_check_adopts_rows_written_behind_drifless_back() {
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::bind().await;
     let cfg = config_text("solo", "", "").replace(
@@ -209,12 +201,27 @@ async fn the_scheduled_local_check_restores_rows_written_behind_drifless_back() 
     node.sql(
         "BEGIN; DROP TRIGGER _driftless_upd_items; UPDATE items SET name = 'by hand' WHERE id = 1; COMMIT;",
     );
-    eventually("the local check to restore row 1", async || {
-        node.query_i64("SELECT count(*) FROM items WHERE id = 1 AND name = 'one'") == 1
+    // the edit stays, and is captured as a local write: row 1 moves to the log's head
+    eventually("the local check to adopt row 1", async || {
+        node.metrics()
+            .await
+            .contains("driftless_drift_incidents_total{table=\"items\"} 1")
     })
     .await;
     assert_eq!(
-        node.query_i64("SELECT count(*) FROM _driftless_conflicts WHERE rule = 'drift'"),
+        node.query_i64("SELECT count(*) FROM items WHERE id = 1 AND name = 'by hand'"),
+        1
+    );
+    assert_eq!(
+        node.query_i64(&format!(
+            "SELECT count(*) FROM (SELECT pk FROM _driftless_rows ORDER BY seq DESC LIMIT 1) \
+             WHERE pk = X'{}'",
+            driftless_core::PrimaryKey::integer(1)
+                .as_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )),
         1
     );
     let metrics = node.metrics().await;

@@ -102,11 +102,16 @@ async fn a_hub_relays_between_spokes_that_never_talk_directly() {
     // multi-hop keeps origin and version: s3's stored state of s1's own row 10 names s1 as origin
     let origin = {
         let conn = rusqlite::Connection::open(&spokes[2].db).unwrap();
-        let mut stmt = conn.prepare("SELECT id, node FROM _driftless_nodes").unwrap();
+        let mut stmt = conn
+            .prepare("SELECT id, node FROM _driftless_nodes")
+            .unwrap();
         let stored: Vec<(u32, driftless_core::NodeId)> = stmt
             .query_map([], |r| {
                 let bytes: Vec<u8> = r.get(1)?;
-                Ok((r.get(0)?, driftless_core::NodeId::from_bytes(bytes.try_into().unwrap())))
+                Ok((
+                    r.get(0)?,
+                    driftless_core::NodeId::from_bytes(bytes.try_into().unwrap()),
+                ))
             })
             .unwrap()
             .map(|r| r.unwrap())

@@ -9,17 +9,19 @@
 //! 1. **Replica A.** `items(id INTEGER PRIMARY KEY, name TEXT, price REAL, note TEXT, stock
 //!    INTEGER)`, rows of about 100 bytes. N rows are inserted by a plain rusqlite connection in
 //!    transactions of 10,000. The file is then opened with `SqliteStore` under the node id of
-//!    `a`, and `capture(10_000)` runs until nothing is left, so every row has a merge state, a
-//!    log entry and its share of the bucket fingerprints. This base file is built once per run
-//!    and copied for every D (with `--dir`, it is kept and reused by later runs).
+//!    `a`, and `capture(10_000)` runs until nothing is left, so every row has a merge state (in
+//!    storage format 2 also its log entry) and its share of the bucket fingerprints. This base
+//!    file is built once per run and copied for every D (with `--dir`, it is kept and reused by
+//!    later runs).
 //! 2. **Replica B.** A copy of the base file whose stored node id (`_driftless_meta.node_id`) is
 //!    changed to that of `b`. B then gets D differences: plain-SQL writes (in turn an update of
 //!    `price` and `note` of an existing row, an insert of a new row, a delete of an existing row),
-//!    stamped by opening B with `SqliteStore`. Their log entries are then deleted, as if these
-//!    changes had never replicated. The merge states and fingerprints stay as they are.
+//!    stamped by opening B with `SqliteStore`. These changes never replicate: the cursors below
+//!    place them behind A's cursor, as if they had been lost on the way. The merge states and
+//!    fingerprints stay as they are.
 //! 3. **Cursors.** Each file records that it has applied the other's whole log
 //!    (`_driftless_cursors`) and that the other has acknowledged its whole log
-//!    (`_driftless_peers`), so the link streams nothing.
+//!    (`_driftless_peers`), B's D changes included, so the link streams nothing.
 //! 4. **Nodes.** `driftless run` for `a` (listens) and `b` (dials `a`), on loopback without TLS,
 //!    with `[admin]` on both. Scheduled reconciliation is off (`reconcile_interval_ms = 0`). The
 //!    idle digest check and log compaction are pushed out to one hour, so they do not run during
@@ -287,7 +289,7 @@ fn build_base(path: &Path, rows: u64) -> Result<()> {
 
 fn log_head(conn: &Connection) -> Result<i64> {
     Ok(conn.query_row(
-        "SELECT coalesce(max(seq), 0) FROM _driftless_log",
+        "SELECT coalesce(max(seq), 0) FROM _driftless_rows",
         [],
         |r| r.get(0),
     )?)
@@ -387,10 +389,19 @@ fn make_pair(base: &Path, dir: &Path, rows: u64, diffs: u64) -> Result<(PathBuf,
     if stamped != diffs {
         return Err(format!("{diffs} writes on B made {stamped} changes").into());
     }
-    // The changes never replicated: drop them from B's log, keep the states and fingerprints.
-    let dropped = b.execute("DELETE FROM _driftless_log WHERE seq > ?1", [head_before])?;
-    if dropped as u64 != diffs {
-        return Err(format!("dropped {dropped} log entries of B, expected {diffs}").into());
+    // The changes never replicated. In storage format 2 the log is the row states (each row's
+    // entry moves to the head when it changes), so the entries past `head_before` cannot be
+    // deleted without deleting the states too, which would leave B's fingerprints covering
+    // rows it no longer has. Instead A's cursor is set to B's head below: A "has" everything
+    // B wrote, so B streams nothing, while the states and fingerprints stay as they are: the
+    // same replicas as before, found only by reconciliation.
+    let past: i64 = b.query_row(
+        "SELECT count(*) FROM _driftless_rows WHERE seq > ?1",
+        [head_before],
+        |r| r.get(0),
+    )?;
+    if past as u64 != diffs {
+        return Err(format!("{past} row states of B past the base, expected {diffs}").into());
     }
     let head_b = log_head(&b)?;
 

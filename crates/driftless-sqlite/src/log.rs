@@ -2,12 +2,11 @@
 //! a cursor, acknowledgements, compaction (nothing left to do), snapshots and held changes.
 
 use crate::meta;
-use crate::rowio::{read_user_row, rebuild};
+use crate::rowio::{decode_meta, read_user_row, rebuild};
 use crate::schema::{Synced, db};
 use crate::store::SqliteStore;
 use driftless_core::codec::decode_change;
 use driftless_core::{Change, Clock, NodeId, PrimaryKey, TableName};
-use driftless_store::rowmeta::RowMeta;
 use driftless_store::{
     ApplyReport, CompactionPolicy, CompactionReport, LOG_PAGE_ENTRIES_MAX, LogEntry, LogPage,
     LogSeq, PeerLogState, SNAPSHOT_CHUNK_ROWS_MAX, SnapshotChunk, StoreError,
@@ -20,8 +19,9 @@ const HELD_RELEASE_MAX: usize = 10_000;
 impl<C: Clock> SqliteStore<C> {
     /// Up to `limit` changes after `after`: the rows whose state changed after the cursor, in
     /// the order of their last change, each as its whole state (see `rowmeta` for why not only
-    /// the cells that changed). A page holds whole rows only (its `next` is the last row's sequence number), so a cursor never falls
-    /// inside a row; a row with more changes than `limit` fills a page on its own.
+    /// the cells that changed). A page holds whole rows only (its `next` is the last row's
+    /// sequence number), so a cursor never falls inside a row; a row with more changes than
+    /// `limit` fills a page on its own.
     pub(crate) fn read_log_impl(
         &mut self,
         after: LogSeq,
@@ -82,11 +82,8 @@ impl<C: Clock> SqliteStore<C> {
         let table = &synced.schema.name;
         let key = PrimaryKey::from_bytes(pk)
             .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?;
-        let needs_row = !RowMeta::decode(meta, seq as u64, &self.nodes)
-            .map_err(|e| StoreError::Corrupt(format!("row state of {table} {key}: {e}")))?
-            .columns_from_table(synced)
-            .is_empty();
-        let row = if needs_row {
+        let decoded = decode_meta(synced, &key, seq, meta, &self.nodes)?;
+        let row = if !decoded.columns_from_table(synced).is_empty() {
             match read_user_row(&self.conn, synced, &key) {
                 Ok(row) => row,
                 // a value driftless cannot represent: that write was refused at capture (a dead
@@ -97,7 +94,7 @@ impl<C: Clock> SqliteStore<C> {
         } else {
             None
         };
-        let state = rebuild(synced, &key, seq, meta, &self.nodes, row.as_deref())?;
+        let state = rebuild(synced, &key, decoded, row.as_deref())?;
         Ok(state.to_changes(table, &key, synced.schema.fingerprint))
     }
 

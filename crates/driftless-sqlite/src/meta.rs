@@ -32,8 +32,9 @@ pub fn install(conn: &Connection) -> rusqlite::Result<()> {
         );
 
         -- Writes recorded by the triggers (table id, operation 1 insert / 2 update / 3 delete,
-        -- for an update the mask of the columns it changed, key values), not yet stamped. The triggers record every writer, driftless included;
-        -- driftless deletes the records of its own writes before its transaction commits.
+        -- for an update the mask of the columns it changed, key values), not yet stamped. The
+        -- triggers record every writer, driftless included; driftless deletes the records of
+        -- its own writes before its transaction commits.
         CREATE TABLE IF NOT EXISTS _driftless_pending (
             seq INTEGER PRIMARY KEY,
             tbl INTEGER NOT NULL,

@@ -162,29 +162,36 @@ pub fn load_meta(
     .map_err(db)
 }
 
-/// Rebuilds a row's full merge state from its metadata and, for the values the metadata does
-/// not hold, from `row` (the table's current values; `None` if the row is not there).
-pub fn rebuild(
+/// Decodes a row's stored metadata (stored at sequence number `seq`).
+pub fn decode_meta(
     table: &Synced,
     key: &PrimaryKey,
     seq: i64,
     meta: &[u8],
     nodes: &NodeInterner,
+) -> Result<RowMeta, StoreError> {
+    RowMeta::decode(meta, seq as u64, nodes)
+        .map_err(|e| StoreError::Corrupt(format!("row state of {} {key}: {e}", table.schema.name)))
+}
+
+/// Rebuilds a row's full merge state from its metadata and, for the values the metadata does
+/// not hold, from `row` (the table's current values; `None` if the row is not there).
+pub fn rebuild(
+    table: &Synced,
+    key: &PrimaryKey,
+    decoded: RowMeta,
     row: Option<&[(ColumnName, Value)]>,
 ) -> Result<RowState, StoreError> {
-    let name = &table.schema.name;
-    let decoded = RowMeta::decode(meta, seq as u64, nodes)
-        .map_err(|e| StoreError::Corrupt(format!("row state of {name} {key}: {e}")))?;
     decoded
         .into_state(table, |column| {
             row.and_then(|r| r.iter().find(|(c, _)| c == column))
                 .map(|(_, v)| v.clone())
         })
-        .map_err(|e| StoreError::Corrupt(format!("row state of {name} {key}: {e}")))
+        .map_err(|e| StoreError::Corrupt(format!("row state of {} {key}: {e}", table.schema.name)))
 }
 
-/// Loads a row's merge state (reading the table row only when the metadata needs values from
-/// it). `row` may pass the table row when the caller already read it.
+/// Loads a row's merge state, reading the table row only when the metadata needs values from
+/// it. `row` may pass the table row when the caller already read it.
 pub fn load_state(
     conn: &Connection,
     table: &Synced,
@@ -195,15 +202,17 @@ pub fn load_state(
     let Some((seq, h, meta)) = load_meta(conn, table, key)? else {
         return Ok(Loaded::default());
     };
+    let decoded = decode_meta(table, key, seq, &meta, nodes)?;
     let read;
     let row = match row {
         Some(row) => row,
+        None if decoded.columns_from_table(table).is_empty() => None,
         None => {
             read = read_user_row(conn, table, key)?;
             read.as_deref()
         }
     };
-    let state = rebuild(table, key, seq, &meta, nodes, row)?;
+    let state = rebuild(table, key, decoded, row)?;
     Ok(Loaded {
         state,
         stored: Some((seq, h)),

@@ -399,9 +399,11 @@ fn a_peer_streaming_while_rows_move_to_the_head_still_gets_every_cell() {
     }
     a.capture(100).unwrap();
     let (mut b, cb) = open(&dir.path().join("b.db"), 2, &clock, DDL);
-    // one row per page; after each page, a row the peer has not reached yet changes one
-    // column and moves to the head: its other cells must still reach the peer
-    let mut next_update = 6;
+    // one row per page; after each of the first pages, the row just ahead of the peer's cursor
+    // changes one column and moves to the head: when the peer reaches it there, its cursor is
+    // past the row's old place, so a log that sent only "the cells changed after the cursor"
+    // would never send its other cells (ids start at seq = id)
+    let mut moved = 0;
     loop {
         let after = b.cursor(a.node_id()).unwrap();
         let page = a.read_log(after, 1).unwrap();
@@ -410,16 +412,15 @@ fn a_peer_streaming_while_rows_move_to_the_head_still_gets_every_cell() {
         }
         let changes: Vec<_> = page.entries.into_iter().map(|e| e.change).collect();
         b.apply_batch(a.node_id(), &changes, page.next).unwrap();
-        if next_update > 3 {
-            ca.execute(
-                "UPDATE items SET qty = qty + 1 WHERE id = ?1",
-                [next_update],
-            )
-            .unwrap();
+        let ahead = page.next.0 as i64 + 1;
+        if moved < 3 && ahead <= 6 {
+            ca.execute("UPDATE items SET qty = qty + 1 WHERE id = ?1", [ahead])
+                .unwrap();
             a.capture(100).unwrap();
-            next_update -= 1;
+            moved += 1;
         }
     }
+    assert_eq!(moved, 3);
     assert_eq!(rows(&cb), rows(&ca));
 }
 

@@ -303,16 +303,8 @@ impl RowMeta {
             return r.fail(format!("unknown header bits {header:#x}"));
         }
         let causal_length = CausalLength(r.varint()?);
-        let version = if header & 1 != 0 {
-            Some(r.version()?)
-        } else {
-            None
-        };
-        let delete_base = if header & 2 != 0 {
-            Some(r.version()?)
-        } else {
-            None
-        };
+        let version = r.version_if(header & 1 != 0)?;
+        let delete_base = r.version_if(header & 2 != 0)?;
         let mut cells = BTreeMap::new();
         if header & 4 != 0 {
             let Some(row_version) = version else {
@@ -357,11 +349,7 @@ impl RowMeta {
                     } else {
                         r.version()?
                     };
-                    let base = if flags & 2 != 0 {
-                        Some(r.version()?)
-                    } else {
-                        None
-                    };
+                    let base = r.version_if(flags & 2 != 0)?;
                     let value = if flags & 4 != 0 {
                         Some(r.value()?)
                     } else {
@@ -474,6 +462,14 @@ impl Reader<'_> {
         self.at += 8;
         let ts = Timestamp::from_u64(u64::from_le_bytes(raw.try_into().expect("8 bytes")));
         Ok(Version::new(ts, self.node()?))
+    }
+    /// A version that is present only when its flag says so.
+    fn version_if(&mut self, present: bool) -> Result<Option<Version>, MetaError> {
+        if present {
+            Ok(Some(self.version()?))
+        } else {
+            Ok(None)
+        }
     }
     fn value(&mut self) -> Result<Value, MetaError> {
         let rest = &self.bytes[self.at..];

@@ -819,9 +819,12 @@ async fn send_log(
         head_rx.mark_unchanged();
         let page = ctx
             .store
-            .call(move |s| s.read_log(cursor, batch_max))
+            .call(move |s| s.read_log_for(cursor, batch_max, peer))
             .await?;
-        if page.entries.is_empty() && unsent_from < cursor {
+        // Nothing read at all: caught up. (A page of only the peer's own changes comes back
+        // with no entries but a `next` beyond the cursor.)
+        let caught_up = page.next == cursor;
+        if caught_up && unsent_from < cursor {
             // caught up after skipping pages of the peer's own changes: move its cursor now
             // (with the permit taken above)
             trace_id = trace_id.wrapping_add(1);
@@ -841,7 +844,7 @@ async fn send_log(
             ctx.peers.update(&name, |p| p.batches_sent += 1);
             continue;
         }
-        if page.entries.is_empty() {
+        if caught_up {
             window.add_permits(1);
             tokio::select! {
                 _ = head_rx.changed() => {}
@@ -860,13 +863,8 @@ async fn send_log(
             }
             continue;
         }
-        // The peer's own changes need not travel back to it.
-        let changes: Vec<_> = page
-            .entries
-            .into_iter()
-            .map(|e| e.change)
-            .filter(|c| c.origin() != peer)
-            .collect();
+        // The peer's own changes were left out by the store: they need not travel back to it.
+        let changes: Vec<_> = page.entries.into_iter().map(|e| e.change).collect();
         if changes.is_empty() && page.next < page.head {
             // A page of the peer's own changes (what it sent us, in our log since we applied
             // it) with more log after it: read on instead of sending a batch that only moves

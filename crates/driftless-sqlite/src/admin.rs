@@ -180,6 +180,15 @@ impl<C: Clock> Store for SqliteStore<C> {
         self.read_log_impl(after, limit)
     }
 
+    fn read_log_for(
+        &mut self,
+        after: LogSeq,
+        limit: usize,
+        peer: NodeId,
+    ) -> Result<LogPage, StoreError> {
+        self.read_log_for_impl(after, limit, peer)
+    }
+
     fn log_head(&mut self) -> Result<LogSeq, StoreError> {
         self.log_head_impl()
     }

@@ -28,10 +28,27 @@ impl<C: Clock> SqliteStore<C> {
         limit: usize,
     ) -> Result<LogPage, StoreError> {
         let limit = limit.clamp(1, LOG_PAGE_ENTRIES_MAX);
-        self.read_tx(|store| store.read_page(after, limit))
+        self.read_tx(|store| store.read_page(after, limit, None))
     }
 
-    fn read_page(&mut self, after: LogSeq, limit: usize) -> Result<LogPage, StoreError> {
+    /// [`Self::read_log_impl`] without `peer`'s own changes; a row holding only those is
+    /// skipped before its values are read from the table.
+    pub(crate) fn read_log_for_impl(
+        &mut self,
+        after: LogSeq,
+        limit: usize,
+        peer: NodeId,
+    ) -> Result<LogPage, StoreError> {
+        let limit = limit.clamp(1, LOG_PAGE_ENTRIES_MAX);
+        self.read_tx(|store| store.read_page(after, limit, Some(peer)))
+    }
+
+    fn read_page(
+        &mut self,
+        after: LogSeq,
+        limit: usize,
+        skip: Option<NodeId>,
+    ) -> Result<LogPage, StoreError> {
         let head = self.log_head_impl()?;
         let rows: Vec<(i64, i64, Vec<u8>, Vec<u8>)> = {
             let mut stmt = self
@@ -53,7 +70,7 @@ impl<C: Clock> SqliteStore<C> {
             let changes = match self.synced.iter().find(|s| s.id == table_id).cloned() {
                 // a table no longer synced: nothing to send, the cursor moves past it
                 None => Vec::new(),
-                Some(synced) => self.stored_row_changes(&synced, seq, &pk, &meta)?,
+                Some(synced) => self.stored_row_changes(&synced, seq, &pk, &meta, skip)?,
             };
             if !entries.is_empty() && entries.len() + changes.len() > limit {
                 break;
@@ -71,18 +88,22 @@ impl<C: Clock> SqliteStore<C> {
         })
     }
 
-    /// One stored row's whole state as changes.
+    /// One stored row's whole state as changes, without those whose origin is `skip`.
     pub(crate) fn stored_row_changes(
         &self,
         synced: &Synced,
         seq: i64,
         pk: &[u8],
         meta: &[u8],
+        skip: Option<NodeId>,
     ) -> Result<Vec<Change>, StoreError> {
         let table = &synced.schema.name;
         let key = PrimaryKey::from_bytes(pk)
             .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?;
         let decoded = decode_meta(synced, &key, seq, meta, &self.nodes)?;
+        if skip.is_some_and(|peer| decoded.only_from(peer)) {
+            return Ok(Vec::new());
+        }
         let row = if !decoded.columns_from_table(synced).is_empty() {
             match read_user_row(&self.conn, synced, &key) {
                 Ok(row) => row,
@@ -95,7 +116,11 @@ impl<C: Clock> SqliteStore<C> {
             None
         };
         let state = rebuild(synced, &key, decoded, row.as_deref())?;
-        Ok(state.to_changes(table, &key, synced.schema.fingerprint))
+        let mut changes = state.to_changes(table, &key, synced.schema.fingerprint);
+        if let Some(peer) = skip {
+            changes.retain(|c| c.origin() != peer);
+        }
+        Ok(changes)
     }
 
     pub(crate) fn log_head_impl(&self) -> Result<LogSeq, StoreError> {
@@ -205,7 +230,7 @@ impl<C: Clock> SqliteStore<C> {
             let mut last = None;
             let count = rows.len();
             for (seq, pk, meta) in rows {
-                changes.extend(store.stored_row_changes(&synced, seq, &pk, &meta)?);
+                changes.extend(store.stored_row_changes(&synced, seq, &pk, &meta, None)?);
                 last = Some(pk);
             }
             let next = match last {

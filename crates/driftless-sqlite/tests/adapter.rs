@@ -100,6 +100,18 @@ fn applied_changes_are_not_captured_again_and_relays_keep_origin_and_version() {
         v
     };
     assert_eq!(versions(&relayed), versions(&written));
+    // served to a itself, they are all left out: a page with no entries that still moves a's
+    // cursor to the head
+    let to_a = b.read_log_for(LogSeq(0), 100, NodeId::new(1)).unwrap();
+    assert!(to_a.entries.is_empty(), "{to_a:?}");
+    assert_eq!(to_a.next, b.log_head().unwrap());
+    assert_eq!(
+        b.read_log_for(LogSeq(0), 100, NodeId::new(3))
+            .unwrap()
+            .entries
+            .len(),
+        relayed.len()
+    );
 
     // c only talks to b, and still gets a's writes with a's versions
     sync(&mut b, &mut c);

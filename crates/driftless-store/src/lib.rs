@@ -50,6 +50,21 @@ pub trait Store {
     /// Up to `limit` log entries after `after`, in log order.
     fn read_log(&mut self, after: LogSeq, limit: usize) -> Result<LogPage, StoreError>;
 
+    /// Like [`Store::read_log`] without the changes whose origin is `peer`: a peer never needs
+    /// its own changes back. The page's `next` and `head` are those of the unfiltered page, so
+    /// a page can hold no entries and still move the cursor (`next > after`). Adapters that can
+    /// skip such changes before building them override this.
+    fn read_log_for(
+        &mut self,
+        after: LogSeq,
+        limit: usize,
+        peer: NodeId,
+    ) -> Result<LogPage, StoreError> {
+        let mut page = self.read_log(after, limit)?;
+        page.entries.retain(|e| e.change.origin() != peer);
+        Ok(page)
+    }
+
     /// The highest sequence number in the log (0 if empty).
     fn log_head(&mut self) -> Result<LogSeq, StoreError>;
 

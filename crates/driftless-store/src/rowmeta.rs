@@ -214,6 +214,16 @@ impl RowMeta {
             .map_err(str::to_owned)
     }
 
+    /// Whether every version the row is served with (its own, every cell's, every counter
+    /// part's) was made by `node`: then a peer that is `node` needs nothing of it.
+    pub fn only_from(&self, node: NodeId) -> bool {
+        self.version.is_none_or(|v| v.node == node)
+            && self.cells.values().all(|cell| match cell {
+                CellMeta::Register { version, .. } => version.node == node,
+                CellMeta::Counter(parts) => parts.values().all(|p| p.version.node == node),
+            })
+    }
+
     pub fn encode(&self, nodes: &mut NodeInterner) -> Vec<u8> {
         let mut out = Vec::with_capacity(32);
         let plain: Vec<u32> = self

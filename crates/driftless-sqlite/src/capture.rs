@@ -9,7 +9,9 @@
 //! compared with.
 
 use crate::meta::KEY_COLUMNS_MAX;
-use crate::rowio::{key_part_from_sql, load_state, read_user_row, record_history, write_user_row};
+use crate::rowio::{
+    key_part_from_sql, load_state, read_user_row, record_history, table_shows, write_user_row,
+};
 use crate::schema::{OP_CHECK, OP_DELETE, OP_UPDATE, Synced, db, mask_bit};
 use crate::store::SqliteStore;
 use driftless_core::{Clock, PrimaryKey, Version};
@@ -203,7 +205,7 @@ impl<C: Clock> SqliteStore<C> {
         }
         // A local write can lose at once (priority, max, min columns): set the row back to the
         // winning values so the table shows what every replica will converge to.
-        if state.is_live() && !capture::matches_row(&state, current.as_deref()) {
+        if state.is_live() && !capture::matches_row_by(&state, current.as_deref(), table_shows) {
             write_user_row(&self.conn, synced, key, state.visible().as_ref(), false).map_err(
                 |reason| StoreError::Schema {
                     table: table.to_string(),

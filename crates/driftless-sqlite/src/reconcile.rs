@@ -1,7 +1,7 @@
 //! Reconciliation support: range fingerprints, bucket contents, full row states for repairs, and
 //! the local check of table content against merge state (drift behind driftless's back).
 
-use crate::rowio::{key_part_from_sql, load_state, read_user_row, state_hash};
+use crate::rowio::{key_part_from_sql, load_state, read_user_row, state_hash, table_shows};
 use crate::schema::{Synced, db, quote_ident};
 use crate::store::SqliteStore;
 use driftless_core::{Change, Clock, NodeId, PrimaryKey, TableName, Value};
@@ -301,7 +301,7 @@ impl<C: Clock> SqliteStore<C> {
             // in the table, never captured
             (None, Some(_)) => true,
             (Some((_, stored_hash)), _) => {
-                !capture::matches_row(&loaded.state, row.as_deref())
+                !capture::matches_row_by(&loaded.state, row.as_deref(), table_shows)
                     || (row.is_some() && state_hash(key, &loaded.state) != *stored_hash)
             }
         };

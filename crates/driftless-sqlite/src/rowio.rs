@@ -36,6 +36,12 @@ pub fn to_sql(value: &Value) -> Result<SqlValue, String> {
     })
 }
 
+/// Whether a value read from a SQLite table shows `held`, a value driftless wrote there: the
+/// same value, or NULL for a NaN real (SQLite stores NaN as NULL; the metadata keeps the NaN).
+pub fn table_shows(table: &Value, held: &Value) -> bool {
+    table == held || (table.is_null() && matches!(held, Value::Real(r) if r.is_nan()))
+}
+
 pub fn key_part_from_sql(value: ValueRef<'_>) -> Result<KeyPart, String> {
     Ok(match value {
         ValueRef::Integer(i) => KeyPart::Integer(i),

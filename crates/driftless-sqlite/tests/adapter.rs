@@ -630,3 +630,60 @@ fn a_store_opens_while_an_application_is_writing_to_a_fresh_file() {
     // and the application's row is captured
     assert_eq!(store.capture(10).unwrap().changes.len(), 1);
 }
+
+#[test]
+fn a_nan_relayed_through_sqlite_stays_a_nan_and_is_not_drift() {
+    use driftless_core::{CausalLength, CellWrite, Change, ChangeOp, PrimaryKey, Timestamp, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let ddl = "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, name TEXT, qty REAL);";
+    let (mut b, cb) = open(&dir.path().join("b.db"), 2, &clock, ddl);
+    let change = Change {
+        table: items(),
+        key: PrimaryKey::integer(1),
+        version: driftless_core::Version::new(Timestamp::new(T0, 0), NodeId::new(1)),
+        causal_length: CausalLength(1),
+        op: ChangeOp::Upsert(vec![
+            CellWrite {
+                column: ColumnName::new("name").unwrap(),
+                value: Value::Text("n".into()),
+                base: None,
+            },
+            CellWrite {
+                column: ColumnName::new("qty").unwrap(),
+                value: Value::Real(f64::NAN),
+                base: None,
+            },
+        ]),
+        schema: Default::default(),
+    };
+    b.apply_batch(NodeId::new(1), std::slice::from_ref(&change), LogSeq(1))
+        .unwrap();
+    // SQLite holds NULL; the log still serves the NaN that was written
+    let held: Option<f64> = cb
+        .query_row("SELECT qty FROM items WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(held, None);
+    let served = b.read_log_for(LogSeq(0), 10, NodeId::new(3)).unwrap();
+    let qty: Vec<_> = served
+        .entries
+        .iter()
+        .flat_map(|e| e.change.cells().iter())
+        .filter(|c| c.column.as_str() == "qty")
+        .collect();
+    assert!(
+        matches!(qty[..], [c] if matches!(c.value, Value::Real(r) if r.is_nan())),
+        "{served:?}"
+    );
+    // neither the local check nor a later edit of another column takes NULL for drift
+    let report = b.verify_chunk(&items(), None, 1_000, true).unwrap();
+    assert_eq!((report.restored, report.adopted), (0, 0), "{report:?}");
+    cb.execute("UPDATE items SET name = 'm' WHERE id = 1", [])
+        .unwrap();
+    let captured = b.capture(10).unwrap();
+    assert_eq!(
+        (captured.changes.len(), captured.reverted),
+        (1, 0),
+        "{captured:?}"
+    );
+}

@@ -157,11 +157,21 @@ pub fn build(
 /// Whether the table row shows exactly the merge state's visible values (a local write that lost
 /// at once, on a `max`/`min`/priority column, makes them differ until the row is set back).
 pub fn matches_row(state: &RowState, row: Option<&[(ColumnName, Value)]>) -> bool {
+    matches_row_by(state, row, |table, held| table == held)
+}
+
+/// [`matches_row`] with the adapter's comparison: `shows(table value, state value)` says
+/// whether the table shows the state's value (a store may hold some values in another form).
+pub fn matches_row_by(
+    state: &RowState,
+    row: Option<&[(ColumnName, Value)]>,
+    shows: impl Fn(&Value, &Value) -> bool,
+) -> bool {
     match (state.visible(), row) {
         (None, None) => true,
         (Some(visible), Some(row)) => row
             .iter()
-            .all(|(c, v)| visible.get(c).unwrap_or(&Value::Null) == v),
+            .all(|(c, v)| shows(v, visible.get(c).unwrap_or(&Value::Null))),
         _ => false,
     }
 }

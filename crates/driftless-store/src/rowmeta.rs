@@ -13,7 +13,8 @@
 //! - per cell: its column by a small per-table id (never by name), its version only where it
 //!   differs from the row's, its base if any, and the value only where the merge needs an old value the table no longer
 //!   shows after a local write: `max` and `min` cells, every cell of a table with a priority
-//!   rule, and counter parts (a counter's visible value is their sum, not any one of them);
+//!   rule, and counter parts (a counter's visible value is their sum, not any one of them); and
+//!   a value the table cannot hold as written (a NaN real: SQLite stores NULL);
 //! - node ids interned to small integers per store ([`NodeInterner`]).
 //!
 //! `lww` values live only in the user's table: a node reads them back from the row when it
@@ -126,13 +127,17 @@ pub trait ColumnIds {
     fn name_of(&self, id: u32) -> Option<&ColumnName>;
 }
 
-/// Whether a cell of `column` keeps its value in the metadata (see the module docs).
-pub fn stores_value(rules: &TableRules, column: &ColumnName) -> bool {
-    match rules.kind(column) {
-        ColumnKind::Max | ColumnKind::Min => true,
-        ColumnKind::Lww => rules.has_priority(),
-        ColumnKind::Counter => true,
-    }
+/// Whether a cell of `column` holding `value` keeps its value in the metadata (see the module
+/// docs): `max`, `min`, priority and counter cells always, and a NaN real in any column,
+/// because SQLite stores NaN as NULL and would give a different value back.
+pub fn stores_value(rules: &TableRules, column: &ColumnName, value: &Value) -> bool {
+    let unrepresentable = matches!(value, Value::Real(r) if r.is_nan());
+    unrepresentable
+        || match rules.kind(column) {
+            ColumnKind::Max | ColumnKind::Min => true,
+            ColumnKind::Lww => rules.has_priority(),
+            ColumnKind::Counter => true,
+        }
 }
 
 impl RowMeta {
@@ -156,7 +161,7 @@ impl RowMeta {
                 } => CellMeta::Register {
                     version: *version,
                     base: *base,
-                    value: stores_value(rules, column).then(|| value.clone()),
+                    value: stores_value(rules, column, value).then(|| value.clone()),
                 },
                 CellState::Counter(parts) => CellMeta::Counter(parts.clone()),
             };
@@ -606,6 +611,26 @@ mod tests {
             );
         }
         assert!(RowMeta::decode(&bytes, 100, &NodeInterner::default()).is_err());
+        // a NaN in a plain lww column is kept: the table would give NULL back
+        let nan_cols = Cols(vec![col("x")]);
+        let mut cells = BTreeMap::new();
+        cells.insert(
+            col("x"),
+            CellState::Register {
+                value: Value::Real(f64::NAN),
+                version: v(30, 1),
+                base: None,
+            },
+        );
+        let nan = RowState::from_parts(CausalLength(1), Some(v(30, 1)), None, cells).unwrap();
+        let meta = RowMeta::from_state(&nan, 8, &TableRules::new(), &nan_cols).unwrap();
+        let back = RowMeta::decode(&meta.encode(&mut nodes), 8, &nodes).unwrap();
+        assert!(back.columns_from_table(&nan_cols).is_empty());
+        let rebuilt = back.into_state(&nan_cols, |_| Some(Value::Null)).unwrap();
+        assert!(matches!(
+            rebuilt.visible().unwrap()[&col("x")],
+            Value::Real(r) if r.is_nan()
+        ));
         // a deleted row
         let gone = RowState::from_parts(
             CausalLength(4),

@@ -8,8 +8,8 @@
 //! on an empty database. Kept for the record; at later commits it writes the newer format.
 
 use driftless_core::{
-    CausalLength, CellWrite, Change, ChangeOp, ColumnKind, ColumnName, KeyPart, NodeId,
-    PrimaryKey, TableName, Timestamp, Value, Version,
+    CausalLength, CellWrite, Change, ChangeOp, ColumnKind, ColumnName, KeyPart, NodeId, PrimaryKey,
+    TableName, Timestamp, Value, Version,
 };
 use driftless_postgres::{PostgresOptions, PostgresStore};
 use driftless_store::{CompactionPolicy, LogSeq, Store, TableConfig};

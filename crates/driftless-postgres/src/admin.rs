@@ -173,7 +173,16 @@ impl<C: Clock> Store for PostgresStore<C> {
     }
 
     fn read_log(&mut self, after: LogSeq, limit: usize) -> Result<LogPage, StoreError> {
-        self.read(|s| s.read_log_impl(after, limit))
+        self.read_snapshot(|s| s.read_page(after, limit, None))
+    }
+
+    fn read_log_for(
+        &mut self,
+        after: LogSeq,
+        limit: usize,
+        peer: NodeId,
+    ) -> Result<LogPage, StoreError> {
+        self.read_snapshot(|s| s.read_page(after, limit, Some(peer)))
     }
 
     fn log_head(&mut self) -> Result<LogSeq, StoreError> {
@@ -211,7 +220,7 @@ impl<C: Clock> Store for PostgresStore<C> {
         after: Option<&PrimaryKey>,
         limit: usize,
     ) -> Result<SnapshotChunk, StoreError> {
-        self.read(|s| s.snapshot_chunk_impl(table, after, limit))
+        self.read_snapshot(|s| s.snapshot_chunk_impl(table, after, limit))
     }
 
     fn release_held(&mut self) -> Result<ApplyReport, StoreError> {
@@ -324,7 +333,7 @@ impl<C: Clock> Store for PostgresStore<C> {
         table: &TableName,
         keys: &[PrimaryKey],
     ) -> Result<Vec<Change>, StoreError> {
-        self.read(|s| s.row_changes_impl(table, keys))
+        self.read_snapshot(|s| s.row_changes_impl(table, keys))
     }
 
     fn apply_repair(

@@ -1,9 +1,10 @@
 //! Stamping captured local writes: turning the triggers' records into versioned changes.
 //!
-//! The triggers record only `(table, operation, primary key)`, atomically with the client's
-//! write. Stamping reads the rows' current values (many at once), compares them with their
-//! merge states (which mirror what the table held after the last stamp or apply) to find the
-//! columns that changed, and makes the changes with fresh HLC versions.
+//! The triggers record `(table, operation, primary key)` and, for an update, the mask of the
+//! columns it changed, atomically with the client's write. Stamping gathers the records of each
+//! row (several writes between two stamps become one change), reads the rows' current values
+//! (many at once) and makes the changes with fresh HLC versions. Storage format 2 keeps no copy
+//! of the values the table holds, so the masks, not a comparison, say which columns changed.
 //!
 //! Every write transaction of driftless (apply included) stamps all pending writes visible in
 //! its REPEATABLE READ snapshot first. A client write committed after that snapshot stays
@@ -14,10 +15,11 @@
 
 use crate::meta::KEY_COLUMNS_MAX;
 use crate::rowio::{RowWrite, UserRow};
-use crate::schema::{OP_DELETE, OP_UPDATE, Synced};
+use crate::schema::{OP_DELETE, OP_UPDATE, Synced, mask_bit};
 use crate::store::{Error, PostgresStore};
 use driftless_core::{Clock, PrimaryKey, RowState, Value, Version};
-use driftless_store::capture::{self, CapturedOp, Stamp};
+use driftless_store::capture::{self, CapturedOp, Recorded};
+use driftless_store::rowmeta::ColumnIds;
 use driftless_store::{CaptureReport, StoreError};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,7 +40,27 @@ struct Pending {
     seq: i64,
     table: Option<Arc<Synced>>,
     op: i16,
+    cols: Option<i64>,
     key: Result<PrimaryKey, String>,
+}
+
+fn captured_op(op: i16) -> CapturedOp {
+    match op {
+        OP_DELETE => CapturedOp::Delete,
+        OP_UPDATE => CapturedOp::Update,
+        _ => CapturedOp::Insert,
+    }
+}
+
+/// The records of one row, as stamping reads them. A record made by a trigger installed
+/// before the table gained a column has no bit for it: `new_columns` makes a column with no
+/// cell in the row's state and a value that is not NULL count as changed, always (PostgreSQL
+/// replaces a trigger function without a lock, so which records predate it is not known).
+fn recorded_row() -> Recorded {
+    Recorded {
+        new_columns: true,
+        ..Recorded::default()
+    }
 }
 
 impl<C: Clock> PostgresStore<C> {
@@ -53,50 +75,55 @@ impl<C: Clock> PostgresStore<C> {
         if pending.is_empty() {
             return Ok(0);
         }
-        // Load every state and every current row the records need, a query per table.
-        let mut by_table: HashMap<i32, (Arc<Synced>, Vec<PrimaryKey>)> = HashMap::new();
-        for entry in &pending {
-            if let (Some(table), Ok(key)) = (&entry.table, &entry.key) {
-                by_table
-                    .entry(table.id)
-                    .or_insert_with(|| (table.clone(), Vec::new()))
-                    .1
-                    .push(key.clone());
-            }
-        }
-        let mut current: HashMap<(i32, PrimaryKey), Result<Option<UserRow>, String>> =
-            HashMap::new();
-        for (id, (table, keys)) in &mut by_table {
-            keys.sort();
-            keys.dedup();
-            let ids: Vec<_> = keys
-                .iter()
-                .map(|k| (table.schema.name.clone(), k.clone()))
-                .collect();
-            self.load_states(&ids)?;
-            let refs: Vec<&PrimaryKey> = keys.iter().collect();
-            let rows = self.read_user_rows(table, &refs)?;
-            for (key, row) in keys.iter().zip(rows) {
-                current.insert((*id, key.clone()), row);
-            }
-        }
+        // The records of each row, in the order rows were first written.
+        let mut rows: Vec<(Arc<Synced>, PrimaryKey, Recorded)> = Vec::new();
+        let mut at: HashMap<(i32, PrimaryKey), usize> = HashMap::new();
         for entry in &pending {
             let Some(table) = &entry.table else {
                 continue; // the table is no longer synced
             };
             match &entry.key {
                 Ok(key) => {
-                    let slot = (table.id, key.clone());
-                    let row = current.get(&slot).cloned().unwrap_or(Ok(None));
-                    if let Some(now) = self.stamp_key(table, entry.op, key, row, report)? {
-                        current.insert(slot, now);
-                    }
+                    let i = *at.entry((table.id, key.clone())).or_insert_with(|| {
+                        rows.push((table.clone(), key.clone(), recorded_row()));
+                        rows.len() - 1
+                    });
+                    rows[i]
+                        .2
+                        .add(captured_op(entry.op), entry.cols.map(|m| m as u64));
                 }
                 Err(reason) => {
                     self.dead_letter_local(table.schema.name.as_str(), reason)?;
                     report.refused += 1;
                 }
             }
+        }
+        // Read every current row the records need, then load their states from them: a few
+        // queries per table.
+        let mut by_table: Vec<(Arc<Synced>, Vec<PrimaryKey>)> = Vec::new();
+        for (table, key, _) in &rows {
+            match by_table.iter_mut().find(|(s, _)| s.id == table.id) {
+                Some((_, keys)) => keys.push(key.clone()),
+                None => by_table.push((table.clone(), vec![key.clone()])),
+            }
+        }
+        let mut current: HashMap<(i32, PrimaryKey), Result<Option<UserRow>, String>> =
+            HashMap::new();
+        for (table, keys) in &by_table {
+            let refs: Vec<&PrimaryKey> = keys.iter().collect();
+            let read = self.read_user_rows(table, &refs)?;
+            for (key, row) in keys.iter().zip(read) {
+                current.insert((table.id, key.clone()), row);
+            }
+            let ids: Vec<_> = keys
+                .iter()
+                .map(|k| (table.schema.name.clone(), k.clone()))
+                .collect();
+            self.load_states_with(&ids, Some(&current))?;
+        }
+        for (table, key, recorded) in &rows {
+            let row = current.remove(&(table.id, key.clone())).unwrap_or(Ok(None));
+            self.stamp_recorded(table, key, recorded, row, report)?;
         }
         let seqs: Vec<i64> = pending.iter().map(|p| p.seq).collect();
         let sql = format!(
@@ -143,7 +170,7 @@ impl<C: Clock> PostgresStore<C> {
     fn read_pending(&mut self, limit: usize) -> Result<Vec<Pending>, Error> {
         let keys: String = (0..KEY_COLUMNS_MAX).map(|i| format!(", k{i}")).collect();
         let sql = format!(
-            "SELECT seq, tbl, op{keys} FROM {}.pending ORDER BY seq LIMIT $1",
+            "SELECT seq, tbl, op, cols{keys} FROM {}.pending ORDER BY seq LIMIT $1",
             self.ds
         );
         let stmt = self.stmt(&sql)?;
@@ -158,7 +185,7 @@ impl<C: Clock> PostgresStore<C> {
                     let mut parts = Vec::with_capacity(t.keys.len());
                     let mut error = None;
                     for (i, column) in t.keys.iter().enumerate() {
-                        let text: Option<String> = row.get(3 + i);
+                        let text: Option<String> = row.get(4 + i);
                         match text.map(|text| column.kind.key_from_text(&text)) {
                             Some(Ok(part)) => parts.push(part),
                             Some(Err(e)) => error = Some(e),
@@ -177,26 +204,27 @@ impl<C: Clock> PostgresStore<C> {
                 seq: row.get(0),
                 table,
                 op: row.get(2),
+                cols: row.get(3),
                 key,
             });
         }
         Ok(out)
     }
 
-    /// Stamps one local write to `key` whose row currently holds `current` (used by capture,
-    /// and by verification to adopt a row that was never captured). Returns the row's new
-    /// content if stamping had to set it back to the winning values.
-    pub(crate) fn stamp_key(
+    /// Stamps the recorded local writes to `key`, whose row currently holds `current` (used by
+    /// capture, and by the local check to adopt content written behind driftless's back:
+    /// `Recorded { all_columns: true, .. }`).
+    pub(crate) fn stamp_recorded(
         &mut self,
         synced: &Synced,
-        op: i16,
         key: &PrimaryKey,
+        recorded: &Recorded,
         current: Result<Option<UserRow>, String>,
         report: &mut CaptureReport,
-    ) -> Result<Option<Result<Option<UserRow>, String>>, Error> {
+    ) -> Result<(), Error> {
         let schema = &synced.schema;
         let table = &schema.name;
-        let mut state = self.cached_state(table, key)?;
+        let loaded = self.cached_state(table, key)?;
         let current = match current {
             Ok(current) => current,
             Err(reason) => {
@@ -205,48 +233,56 @@ impl<C: Clock> PostgresStore<C> {
                     &format!("local write to {table} {key}: {reason}"),
                 )?;
                 report.refused += 1;
-                return Ok(None);
+                return Ok(());
             }
         };
         // Columns that show the merge state's value in this column's form count as unchanged.
-        let current = match current {
-            Some(row) => Some(self.in_state_form(synced, &state, row)?),
+        let shown_now = match &current {
+            Some(row) => Some(self.in_state_form(synced, &loaded, row.clone())?),
             None => None,
         };
-        let op = match op {
-            OP_DELETE => CapturedOp::Delete,
-            OP_UPDATE => CapturedOp::Update,
-            _ => CapturedOp::Insert,
-        };
-        let stamp = capture::plan(op, &state, current.as_deref());
-        if stamp == Stamp::Nothing {
-            return Ok(None);
+        let stamps = capture::plan_recorded(recorded, &loaded, shown_now.as_deref(), |c| {
+            synced.id_of(c).map(mask_bit)
+        });
+        if stamps.is_empty() {
+            self.set_table_row(table, key, current);
+            return Ok(());
         }
-        let version = Version::new(self.hlc.now()?, self.node);
-        let change = match capture::build(stamp, &state, schema, key, version) {
-            None => return Ok(None),
-            Some(Ok(change)) => change,
-            Some(Err(reason)) => {
-                self.dead_letter_local(
-                    table.as_str(),
-                    &format!("local write to {table} {key}: {reason}"),
-                )?;
-                report.refused += 1;
-                return Ok(None);
-            }
-        };
-        let outcome = state
-            .apply(&change, &schema.rules)
-            .map_err(|e| StoreError::Corrupt(format!("own change refused by merge: {e}")))?;
-        self.record_conflicts(&outcome.conflicts)?;
-        let mut now = None;
+        let mut state = loaded;
+        let mut changed = false;
+        for stamp in stamps {
+            let version = Version::new(self.hlc.now()?, self.node);
+            let change = match capture::build(stamp, &state, schema, key, version) {
+                None => continue,
+                Some(Ok(change)) => change,
+                Some(Err(reason)) => {
+                    self.dead_letter_local(
+                        table.as_str(),
+                        &format!("local write to {table} {key}: {reason}"),
+                    )?;
+                    report.refused += 1;
+                    continue;
+                }
+            };
+            let outcome = state
+                .apply(&change, &schema.rules)
+                .map_err(|e| StoreError::Corrupt(format!("own change refused by merge: {e}")))?;
+            self.record_conflicts(&outcome.conflicts)?;
+            self.append_log(&change);
+            report.changes.push(change);
+            changed = true;
+        }
+        if !changed {
+            return Ok(());
+        }
+        let mut now = current;
         // A local write can lose at once (priority, max, min columns): set the row back to the
         // winning values so the table shows what every replica will converge to.
-        let shown = match current {
-            Some(row) => Some(self.in_state_form(synced, &state, row)?),
+        let shown = match &now {
+            Some(row) => Some(self.in_state_form(synced, &state, row.clone())?),
             None => None,
         };
-        if !change.is_delete() && !capture::matches_row(&state, shown.as_deref()) {
+        if state.is_live() && !capture::matches_row(&state, shown.as_deref()) {
             let write = RowWrite {
                 key: key.clone(),
                 visible: state.visible(),
@@ -263,12 +299,15 @@ impl<C: Clock> PostgresStore<C> {
                 Err(e) => return Err(e),
             }
             report.reverted += 1;
-            now = self.read_user_rows(synced, &[key])?.pop();
+            now = self
+                .read_user_rows(synced, &[key])?
+                .pop()
+                .unwrap_or(Ok(None))
+                .unwrap_or(None);
         }
         self.set_state(table, key, state);
-        self.append_log(&change);
-        report.changes.push(change);
-        Ok(now)
+        self.set_table_row(table, key, now);
+        Ok(())
     }
 
     /// The row with every value that shows the merge state's value (in the column's form, see

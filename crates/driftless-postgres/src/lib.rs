@@ -3,9 +3,9 @@
 //! snapshots, all inside the user's own PostgreSQL database (in a schema of driftless's own).
 //! The design and its reasons are in docs/postgres.md; in short:
 //!
-//! - **Capture by triggers, not logical decoding**: a PL/pgSQL `AFTER ... FOR EACH ROW`
-//!   trigger records `(table id, op, key)` in `driftless.pending`, atomically with the client's
-//!   write. No replication slot (nothing can fill the disk when driftless is down), no
+//! - **Capture by triggers, not logical decoding**: a PL/pgSQL statement trigger records
+//!   `(table id, op, key, changed-columns mask)` in `driftless.pending`, atomically with the
+//!   client's write. No replication slot (nothing can fill the disk when driftless is down), no
 //!   `wal_level = logical`, no superuser, and the same stamping as the SQLite adapter.
 //! - **No race with apply**: every driftless write transaction runs at REPEATABLE READ and
 //!   stamps every pending write in its snapshot first; a client write committed later is
@@ -16,6 +16,9 @@
 //!   `WHEN` clause skips them. Exact, and free for driftless's own writes.
 //! - **Types**: a fixed, documented mapping to driftless values (`types`); any other column
 //!   type is refused at open time, and a value a column cannot hold exactly is dead-lettered.
+//! - **Storage format 2**: one `driftless.rows` row per synced row holds its merge metadata
+//!   (no copy of values the table holds) and the sequence number of its last change: the states
+//!   are the change log (docs/postgres.md, "Tables").
 //! - **Batched apply**: states of a whole batch are loaded with one query, merged in Rust and
 //!   written back with multi-row statements over SQL arrays; a constraint failure falls back to
 //!   one change per savepoint so only the offending changes become dead letters.
@@ -39,6 +42,7 @@ mod rowio;
 mod schema;
 mod store;
 pub mod types;
+mod upgrade;
 
 pub use schema::{quote_ident, quote_literal};
 pub use store::{

@@ -1,42 +1,79 @@
-//! Serving the change log: pages after a cursor, acknowledgements, compaction, snapshots and
-//! held changes. The same rules as the SQLite adapter (docs/sqlite.md, "The log").
+//! Serving the change log, which in storage format 2 is the row states themselves: pages after
+//! a cursor, acknowledgements, compaction (nothing left to do), snapshots and held changes. The
+//! same rules as the SQLite adapter (docs/sqlite.md, "The log").
 
+use crate::rowio::UserRow;
+use crate::schema::Synced;
 use crate::store::{Error, PostgresStore};
-use driftless_core::codec::{decode_change, decode_row_state};
-use driftless_core::{Clock, NodeId, PrimaryKey, TableName};
+use driftless_core::codec::decode_change;
+use driftless_core::{Change, Clock, NodeId, PrimaryKey, TableName};
+use driftless_store::rowmeta::RowMeta;
 use driftless_store::{
     ApplyReport, CompactionPolicy, CompactionReport, LOG_PAGE_ENTRIES_MAX, LogEntry, LogPage,
     LogSeq, PeerLogState, SNAPSHOT_CHUNK_ROWS_MAX, SnapshotChunk, StoreError,
 };
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Most held changes examined per release call.
 const HELD_RELEASE_MAX: usize = 10_000;
 
 impl<C: Clock> PostgresStore<C> {
-    pub(crate) fn read_log_impl(&mut self, after: LogSeq, limit: usize) -> Result<LogPage, Error> {
-        let limit = limit.min(LOG_PAGE_ENTRIES_MAX);
+    /// Up to `limit` changes after `after`: the rows whose state changed after the cursor, in
+    /// the order of their last change, each as its whole state (see `driftless_store::rowmeta`
+    /// for why not only the cells that changed), without those whose origin is `skip`. A page
+    /// holds whole rows only (its `next` is the last row's sequence number), so a cursor never
+    /// falls inside a row; a row with more changes than `limit` fills a page on its own. Runs
+    /// in one snapshot ([`Self::read_snapshot`]).
+    pub(crate) fn read_page(
+        &mut self,
+        after: LogSeq,
+        limit: usize,
+        skip: Option<NodeId>,
+    ) -> Result<LogPage, Error> {
+        let limit = limit.clamp(1, LOG_PAGE_ENTRIES_MAX);
+        let head = self.log_head_impl()?;
         let sql = format!(
-            "SELECT seq, change FROM {}.log WHERE seq > $1 ORDER BY seq LIMIT $2",
+            "SELECT seq, tbl, pk, meta FROM {}.rows WHERE seq > $1 ORDER BY seq LIMIT $2",
             self.ds
         );
         let stmt = self.stmt(&sql)?;
         let rows = self
             .client
             .query(&stmt, &[&(after.0 as i64), &(limit as i64)])?;
-        let mut entries = Vec::with_capacity(rows.len());
+        let mut listed: Vec<(i64, Option<Arc<Synced>>, PrimaryKey, Option<RowMeta>)> =
+            Vec::with_capacity(rows.len());
         for row in rows {
             let seq: i64 = row.get(0);
-            let bytes: Vec<u8> = row.get(1);
-            let change = decode_change(&bytes)
-                .map_err(|e| StoreError::Corrupt(format!("log entry {seq}: {e}")))?;
-            entries.push(LogEntry {
-                seq: LogSeq(seq as u64),
-                change,
-            });
+            let table_id: i32 = row.get(1);
+            let pk: Vec<u8> = row.get(2);
+            let meta: Vec<u8> = row.get(3);
+            let synced = self.synced.iter().find(|s| s.id == table_id).cloned();
+            let key = PrimaryKey::from_bytes(&pk)
+                .map_err(|e| StoreError::Corrupt(format!("row key at seq {seq}: {e}")))?;
+            let decoded = match &synced {
+                // a table no longer synced: nothing to send, the cursor moves past it
+                None => None,
+                Some(synced) => {
+                    let decoded = self.decode_meta(synced, &key, seq, &meta)?;
+                    (!skip.is_some_and(|peer| decoded.only_from(peer))).then_some(decoded)
+                }
+            };
+            listed.push((seq, synced, key, decoded));
         }
-        // read after the entries, so the head is never below the last entry returned
-        let head = self.log_head_impl()?;
-        let next = entries.last().map_or(after, |e| e.seq);
+        let changes = self.rows_as_changes(&mut listed, skip)?;
+        let mut entries = Vec::new();
+        let mut next = after;
+        for ((seq, _, _, _), changes) in listed.iter().zip(changes) {
+            if !entries.is_empty() && entries.len() + changes.len() > limit {
+                break;
+            }
+            entries.extend(changes.into_iter().map(|change| LogEntry {
+                seq: LogSeq(*seq as u64),
+                change,
+            }));
+            next = LogSeq(*seq as u64);
+        }
         Ok(LogPage {
             entries,
             next,
@@ -44,8 +81,78 @@ impl<C: Clock> PostgresStore<C> {
         })
     }
 
+    /// The whole states of listed rows as changes (none for a row without metadata), reading
+    /// the user rows they need with one query per table; changes whose origin is `skip` are
+    /// left out.
+    fn rows_as_changes(
+        &mut self,
+        listed: &mut [(i64, Option<Arc<Synced>>, PrimaryKey, Option<RowMeta>)],
+        skip: Option<NodeId>,
+    ) -> Result<Vec<Vec<Change>>, Error> {
+        let mut out: Vec<Vec<Change>> = vec![Vec::new(); listed.len()];
+        let mut tables: Vec<Arc<Synced>> = Vec::new();
+        for (_, synced, _, meta) in listed.iter() {
+            if let (Some(s), Some(_)) = (synced, meta)
+                && !tables.iter().any(|t| t.id == s.id)
+            {
+                tables.push(s.clone());
+            }
+        }
+        for synced in tables {
+            let at: Vec<usize> = (0..listed.len())
+                .filter(|&i| {
+                    listed[i].3.is_some() && listed[i].1.as_ref().is_some_and(|s| s.id == synced.id)
+                })
+                .collect();
+            let need: Vec<usize> = at
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    listed[i]
+                        .3
+                        .as_ref()
+                        .is_some_and(|m| !m.columns_from_table(synced.as_ref()).is_empty())
+                })
+                .collect();
+            let keys: Vec<&PrimaryKey> = need.iter().map(|&i| &listed[i].2).collect();
+            let read = self.read_user_rows(&synced, &keys)?;
+            let mut rows: HashMap<usize, Result<Option<UserRow>, String>> =
+                need.iter().copied().zip(read).collect();
+            for i in at {
+                let row = match rows.remove(&i) {
+                    None => None,
+                    Some(Ok(row)) => row,
+                    // a value driftless cannot represent: that write was refused at capture (a
+                    // dead letter), and the value it replaced is gone; the row is not served
+                    Some(Err(_)) => continue,
+                };
+                let meta = listed[i].3.take().expect("listed with metadata");
+                let key = &listed[i].2;
+                let state = meta
+                    .into_state(synced.as_ref(), |column| {
+                        row.as_ref()
+                            .and_then(|r| r.iter().find(|(c, _)| c == column))
+                            .map(|(_, v)| v.clone())
+                    })
+                    .map_err(|e| {
+                        StoreError::Corrupt(format!(
+                            "row state of {} {key}: {e}",
+                            synced.schema.name
+                        ))
+                    })?;
+                let mut changes =
+                    state.to_changes(&synced.schema.name, key, synced.schema.fingerprint);
+                if let Some(peer) = skip {
+                    changes.retain(|c| c.origin() != peer);
+                }
+                out[i] = changes;
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) fn log_head_impl(&mut self) -> Result<LogSeq, Error> {
-        let sql = format!("SELECT coalesce(max(seq), 0) FROM {}.log", self.ds);
+        let sql = format!("SELECT coalesce(max(seq), 0) FROM {}.rows", self.ds);
         let stmt = self.stmt(&sql)?;
         let head: i64 = self.client.query_one(&stmt, &[])?.get(0);
         Ok(LogSeq(head as u64))
@@ -99,150 +206,23 @@ impl<C: Clock> PostgresStore<C> {
         })
     }
 
-    /// See [`driftless_store::Store::compact`]. Superseded entries (whose version no longer
-    /// contributes to their row's state) are always safe to drop: every peer still receives the
-    /// entries that do contribute, so it reaches the same state. Entries still contributing are
-    /// dropped only below the floor: acknowledged by every known peer and older than
-    /// `retain_entries_min`, or beyond `retain_entries_max` (then laggards must re-bootstrap).
+    /// See [`driftless_store::Store::compact`]. In storage format 2 the log is the row states:
+    /// a superseded change left nothing behind when its row moved on, and every row's latest
+    /// state stays reachable from any cursor, so no peer ever falls behind the log. The floor
+    /// is only non-zero in a database upgraded from format 1 (peers behind it re-bootstrap).
     pub(crate) fn compact_impl(
         &mut self,
-        policy: &CompactionPolicy,
+        _policy: &CompactionPolicy,
     ) -> Result<CompactionReport, StoreError> {
-        self.write_tx(|store| {
-            let mut report = CompactionReport::default();
-            let position = store
-                .meta
-                .get_i64(&mut store.client, "compact_position")?
-                .unwrap_or(0);
-            let sql = format!(
-                "SELECT seq, tbl, pk, change FROM {}.log WHERE seq > $1 ORDER BY seq LIMIT $2",
-                store.ds
-            );
-            let stmt = store.stmt(&sql)?;
-            let rows = store
-                .client
-                .query(&stmt, &[&position, &(policy.scan_entries_max as i64)])?;
-            // wrap around to the start once the end of the log is reached
-            let next_position = if rows.len() < policy.scan_entries_max {
-                0
-            } else {
-                rows.last().map_or(0, |r| r.get::<_, i64>(0))
-            };
-            let mut scanned = Vec::with_capacity(rows.len());
-            for row in rows {
-                let seq: i64 = row.get(0);
-                let table: String = row.get(1);
-                let pk: Vec<u8> = row.get(2);
-                let bytes: Vec<u8> = row.get(3);
-                let change = decode_change(&bytes)
-                    .map_err(|e| StoreError::Corrupt(format!("log entry {seq}: {e}")))?;
-                let key = PrimaryKey::from_bytes(&pk)
-                    .map_err(|e| StoreError::Corrupt(format!("log entry {seq}: {e}")))?;
-                let table = TableName::new(&table)
-                    .map_err(|e| StoreError::Corrupt(format!("log entry {seq}: {e}")))?;
-                scanned.push((seq, table, key, change.version));
-            }
-            let ids: Vec<(TableName, PrimaryKey)> = scanned
-                .iter()
-                .map(|(_, t, k, _)| (t.clone(), k.clone()))
-                .collect();
-            store.load_states(&ids)?;
-            // The newest entry always stays, so the log's head never moves back: a peer whose
-            // cursor is beyond our head then means a restored backup (see session.rs).
-            let newest = store.log_head_impl()?.0 as i64;
-            let superseded: Vec<i64> = scanned
-                .iter()
-                .filter(|(seq, t, k, v)| {
-                    *seq != newest
-                        && !store.tx.states[&(t.clone(), k.clone())]
-                            .state
-                            .references(*v)
-                })
-                .map(|(seq, _, _, _)| *seq)
-                .collect();
-            if !superseded.is_empty() {
-                let sql = format!(
-                    "DELETE FROM {}.log WHERE seq = ANY($1::pg_catalog.int8[])",
-                    store.ds
-                );
-                let stmt = store.stmt(&sql)?;
-                report.superseded_dropped = store.client.execute(&stmt, &[&superseded])? as usize;
-            }
-            store
-                .meta
-                .set_i64(&mut store.client, "compact_position", next_position)?;
-
-            let head = store.log_head_impl()?;
-            let floor = store.log_floor()?;
-            let sql = format!("SELECT peer, acked FROM {}.peers", store.ds);
-            let stmt = store.stmt(&sql)?;
-            let peers: Vec<(Vec<u8>, i64)> = store
-                .client
-                .query(&stmt, &[])?
-                .into_iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-            // Entries above the floor are at most head - floor; count them exactly only when
-            // that bound exceeds the limit (a count of a large log is a scan).
-            let mut retention_cut = None;
-            if head.0.saturating_sub(floor.0) > policy.retain_entries_max {
-                let sql = format!(
-                    "SELECT seq FROM {}.log ORDER BY seq DESC LIMIT 1 OFFSET $1",
-                    store.ds
-                );
-                let stmt = store.stmt(&sql)?;
-                if let Some(row) = store
-                    .client
-                    .query_opt(&stmt, &[&(policy.retain_entries_max as i64)])?
-                {
-                    retention_cut = Some(LogSeq(row.get::<_, i64>(0) as u64));
-                }
-            }
-            let mut target = policy
-                .retire_through(
-                    head,
-                    floor,
-                    peers.iter().map(|(_, a)| LogSeq(*a as u64)),
-                    retention_cut,
-                )
-                .0;
-            if target > floor.0 {
-                // Bounded per call: the floor moves up at most `retire_entries_max` entries.
-                let step_sql = format!(
-                    "SELECT seq FROM {}.log WHERE seq > $1 ORDER BY seq LIMIT 1 OFFSET $2",
-                    store.ds
-                );
-                let stmt = store.stmt(&step_sql)?;
-                let offset = policy.retire_entries_max.saturating_sub(1) as i64;
-                if let Some(row) = store
-                    .client
-                    .query_opt(&stmt, &[&(floor.0 as i64), &offset])?
-                {
-                    target = target.min(row.get::<_, i64>(0) as u64);
-                }
-                let sql = format!("DELETE FROM {}.log WHERE seq <= $1", store.ds);
-                let stmt = store.stmt(&sql)?;
-                report.retired_dropped = store.client.execute(&stmt, &[&(target as i64)])? as usize;
-                store
-                    .meta
-                    .set_i64(&mut store.client, "log_floor", target as i64)?;
-                for (peer, acked) in &peers {
-                    if driftless_store::left_behind(LogSeq(*acked as u64), floor, LogSeq(target))
-                        && let Ok(bytes) = <[u8; 16]>::try_from(peer.as_slice())
-                    {
-                        report
-                            .peers_marked_for_bootstrap
-                            .push(NodeId::from_bytes(bytes));
-                    }
-                }
-                report.floor = LogSeq(target);
-            } else {
-                report.floor = floor;
-            }
-            Ok(report)
+        let floor = self.read_snapshot(|s| s.log_floor())?;
+        Ok(CompactionReport {
+            floor,
+            ..CompactionReport::default()
         })
     }
 
+    /// A table's rows in the order of the row index (fine bucket, then key), resumable after
+    /// any key: the chunk's `next` is the last key served.
     pub(crate) fn snapshot_chunk_impl(
         &mut self,
         table: &TableName,
@@ -252,34 +232,44 @@ impl<C: Clock> PostgresStore<C> {
         let synced = self
             .synced(table)
             .ok_or_else(|| StoreError::UnknownTable(table.to_string()))?;
-        let fingerprint = synced.schema.fingerprint;
         let limit = limit.clamp(1, SNAPSHOT_CHUNK_ROWS_MAX);
         let log_head = self.log_head_impl()?;
+        let (bucket, after_bytes) = match after {
+            Some(k) => (
+                driftless_store::fingerprint::fine_bucket(k) as i32,
+                k.as_bytes().to_vec(),
+            ),
+            None => (-1, Vec::new()),
+        };
         let sql = format!(
-            "SELECT pk, state FROM {}.row_states WHERE tbl = $1 AND pk > $2 ORDER BY pk LIMIT $3",
+            "SELECT seq, pk, meta FROM {}.rows WHERE tbl = $1 AND (bucket, pk) > ($2, $3) \
+             ORDER BY bucket, pk LIMIT $4",
             self.ds
         );
         let stmt = self.stmt(&sql)?;
-        let after_bytes: Vec<u8> = after.map(|k| k.as_bytes().to_vec()).unwrap_or_default();
         let rows = self
             .client
-            .query(&stmt, &[&table.as_str(), &after_bytes, &(limit as i64)])?;
-        let mut changes = Vec::new();
-        let mut last = None;
+            .query(&stmt, &[&synced.id, &bucket, &after_bytes, &(limit as i64)])?;
         let count = rows.len();
+        let mut listed = Vec::with_capacity(count);
         for row in rows {
-            let pk: Vec<u8> = row.get(0);
-            let bytes: Vec<u8> = row.get(1);
+            let seq: i64 = row.get(0);
+            let pk: Vec<u8> = row.get(1);
+            let meta: Vec<u8> = row.get(2);
             let key = PrimaryKey::from_bytes(&pk)
                 .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?;
-            let state = decode_row_state(&bytes)
-                .map_err(|e| StoreError::Corrupt(format!("row state of {table} {key}: {e}")))?;
-            changes.extend(state.to_changes(table, &key, fingerprint));
-            last = Some(key);
+            let decoded = self.decode_meta(&synced, &key, seq, &meta)?;
+            listed.push((seq, Some(synced.clone()), key, Some(decoded)));
         }
+        let next = if count == limit {
+            listed.last().map(|(_, _, k, _)| k.clone())
+        } else {
+            None
+        };
+        let changes = self.rows_as_changes(&mut listed, None)?.concat();
         Ok(SnapshotChunk {
             changes,
-            next: if count == limit { last } else { None },
+            next,
             log_head,
         })
     }

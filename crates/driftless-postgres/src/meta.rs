@@ -11,8 +11,11 @@ use postgres::Client;
 pub const KEY_COLUMNS_MAX: usize = driftless_core::key::KEY_PARTS_MAX;
 
 /// Bumped when the DDL below changes; an installed schema with another version is upgraded by
-/// re-running the (idempotent) DDL.
-pub const INSTALL_VERSION: i64 = 2;
+/// re-running the (idempotent) DDL (and, from version 2, converting storage format 1: see
+/// `upgrade.rs`).
+pub const INSTALL_VERSION: i64 = 3;
+/// The storage format this code writes (`meta.format`); 1 had `row_states` and `log`.
+pub const FORMAT: i64 = 2;
 
 /// The DDL of driftless's schema `ds` (quoted). Idempotent.
 pub fn install_sql(ds: &str) -> String {
@@ -43,37 +46,50 @@ pub fn install_sql(ds: &str) -> String {
             {key_columns}
         );
 
-        -- Merge state of every row ever seen (codec::encode_row_state), tombstones included, with
-        -- the row's reconciliation bucket (from its key) and item hash (of key and state).
-        CREATE TABLE IF NOT EXISTS {ds}.row_states (
-            tbl text NOT NULL,
+        -- Storage format 2: one row per synced row ever seen (tombstones included) holding its
+        -- merge metadata (rowmeta: versions, bases, causal length; values only where the user's
+        -- table cannot give them back), the local sequence number of its last change (the
+        -- states are the change log: "changes after C" = rows with seq > C in seq order), its
+        -- reconciliation bucket (from its key) and item hash (of key and full state). The
+        -- primary key starts with the bucket, so it also serves reconciliation's range reads.
+        CREATE TABLE IF NOT EXISTS {ds}.rows (
+            tbl integer NOT NULL,
+            bucket integer NOT NULL,
             pk bytea NOT NULL,
-            state bytea NOT NULL,
-            bucket bigint NOT NULL,
+            seq bigint NOT NULL,
             h bigint NOT NULL,
-            PRIMARY KEY (tbl, pk)
+            meta bytea NOT NULL,
+            PRIMARY KEY (tbl, bucket, pk)
         );
-        CREATE INDEX IF NOT EXISTS row_states_bucket ON {ds}.row_states (tbl, bucket);
-        -- Room on every page, so replacing a state (neither `state` nor `h` is indexed) is a
-        -- HOT update: no new index entries, far less WAL.
-        ALTER TABLE {ds}.row_states SET (fillfactor = 80);
+        CREATE UNIQUE INDEX IF NOT EXISTS rows_seq ON {ds}.rows (seq);
+
+        -- Node ids interned to small integers (rowmeta refers to nodes by index).
+        CREATE TABLE IF NOT EXISTS {ds}.nodes (
+            id integer PRIMARY KEY,
+            node bytea NOT NULL UNIQUE
+        );
+
+        -- Stable small ids of synced columns (rowmeta and the triggers' masks refer to columns by
+        -- id; never reused, so a dropped column cannot be mistaken for a later one).
+        CREATE TABLE IF NOT EXISTS {ds}.columns (
+            tbl integer NOT NULL,
+            id integer NOT NULL,
+            name text NOT NULL,
+            PRIMARY KEY (tbl, id),
+            UNIQUE (tbl, name)
+        );
+
+        -- The triggers' changed-columns mask of an update (bit per column id; NULL: every column).
+        ALTER TABLE {ds}.pending ADD COLUMN IF NOT EXISTS cols bigint;
 
         -- Reconciliation fingerprints are not stored: the top-level ones are kept in the node's
-        -- memory (see reconcile.rs), the fine ones read from row_states when asked for. A table
-        -- that every write XORed into cost a quarter of each write's time. `fp_gen` counts the
-        -- transactions that changed row_states, so a process notices another one's writes.
+        -- memory (see reconcile.rs), the fine ones read from rows when asked for. `fp_gen`
+        -- counts the transactions that changed rows, so a process notices another one's writes.
         DROP TABLE IF EXISTS {ds}.fingerprints;
         INSERT INTO {ds}.meta (key, ival) VALUES ('fp_gen', 0) ON CONFLICT (key) DO NOTHING;
 
-        -- The change log: local writes and applied remote changes, in order. Sequence numbers
-        -- come from a sequence, so one is never reused, even after compaction empties the tail.
+        -- Sequence numbers of the rows' changes come from a sequence, so one is never reused.
         CREATE SEQUENCE IF NOT EXISTS {ds}.log_seq;
-        CREATE TABLE IF NOT EXISTS {ds}.log (
-            seq bigint PRIMARY KEY,
-            tbl text NOT NULL,
-            pk bytea NOT NULL,
-            change bytea NOT NULL
-        );
 
         -- How far each sender's log has been applied here.
         CREATE TABLE IF NOT EXISTS {ds}.cursors (

@@ -3,11 +3,10 @@
 //! content digests. The fingerprint scheme is `driftless_store::fingerprint`, shared with every
 //! adapter, so a PostgreSQL replica and a SQLite replica can be compared.
 
-use crate::rowio::{RowWrite, UserRow, key_from_row};
-use crate::schema::{OP_INSERT, Synced};
+use crate::rowio::{UserRow, key_from_row};
+use crate::schema::Synced;
 use crate::store::{Error, PostgresStore, TopFingerprints};
 use crate::types::{WireValue, key_to_wire, read_wire};
-use driftless_core::codec::decode_row_state;
 use driftless_core::{Change, Clock, NodeId, PrimaryKey, RowState, TableName};
 use driftless_store::fingerprint::{FINE_BITS, FINE_PER_TOP, TOP_BITS, TOP_BUCKETS};
 use driftless_store::{ApplyReport, CaptureReport, StoreError, VerifyReport, capture};
@@ -34,7 +33,7 @@ impl<C: Clock> PostgresStore<C> {
     /// another process (a second node on the same database, an admin command) wrote states,
     /// the counter does not match and the fingerprints are built again.
     pub(crate) fn top_fingerprints_impl(&mut self, table: &TableName) -> Result<Vec<i64>, Error> {
-        self.synced_or_err(table)?;
+        let synced = self.synced_or_err(table)?;
         let sql = format!("SELECT ival FROM {}.meta WHERE key = 'fp_gen'", self.ds);
         let stmt = self.stmt(&sql)?;
         let generation: Option<i64> = self.client.query_opt(&stmt, &[])?.map(|r| r.get(0));
@@ -47,18 +46,18 @@ impl<C: Clock> PostgresStore<C> {
         let sql = format!(
             "SELECT g.ival, a.top, a.fp FROM (SELECT ival FROM {ds}.meta WHERE key = 'fp_gen') AS g \
              LEFT JOIN (SELECT bucket >> $2 AS top, pg_catalog.bit_xor(h) AS fp \
-             FROM {ds}.row_states WHERE tbl = $1 GROUP BY 1) AS a ON true",
+             FROM {ds}.rows WHERE tbl = $1 GROUP BY 1) AS a ON true",
             ds = self.ds
         );
         let stmt = self.stmt(&sql)?;
         let shift = (FINE_BITS - TOP_BITS) as i32;
-        let rows = self.client.query(&stmt, &[&table.as_str(), &shift])?;
+        let rows = self.client.query(&stmt, &[&synced.id, &shift])?;
         let mut tops = vec![0i64; TOP_BUCKETS];
         let mut generation = None;
         for row in rows {
             generation = Some(row.get::<_, i64>(0));
             if let (Some(top), Some(fp)) =
-                (row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2))
+                (row.get::<_, Option<i32>>(1), row.get::<_, Option<i64>>(2))
                 && let Some(slot) = tops.get_mut(top as usize)
             {
                 *slot = fp;
@@ -99,14 +98,14 @@ impl<C: Clock> PostgresStore<C> {
         }
     }
 
-    /// The fine fingerprints under each of `tops`, from `row_states` (its `(tbl, bucket)` index
-    /// finds a top bucket's rows: ~2,400 at 10M rows).
+    /// The fine fingerprints under each of `tops`, from `rows` (its `(tbl, bucket, pk)` primary
+    /// key finds a top bucket's rows: ~2,400 at 10M rows).
     pub(crate) fn fine_fingerprints_impl(
         &mut self,
         table: &TableName,
         tops: &[u32],
     ) -> Result<Vec<(u32, Vec<i64>)>, Error> {
-        self.synced_or_err(table)?;
+        let synced = self.synced_or_err(table)?;
         if tops.len() > BUCKETS_PER_REQUEST_MAX {
             return Err(StoreError::BatchTooLarge {
                 len: tops.len(),
@@ -116,7 +115,7 @@ impl<C: Clock> PostgresStore<C> {
         }
         let sql = format!(
             "SELECT s.bucket, pg_catalog.bit_xor(s.h) FROM unnest($2::pg_catalog.int8[]) AS t(top) \
-             JOIN {}.row_states AS s ON s.tbl = $1 AND s.bucket >= t.top * $3 \
+             JOIN {}.rows AS s ON s.tbl = $1 AND s.bucket >= t.top * $3 \
              AND s.bucket < (t.top + 1) * $3 GROUP BY s.bucket",
             self.ds
         );
@@ -128,9 +127,9 @@ impl<C: Clock> PostgresStore<C> {
             .collect();
         let rows = self
             .client
-            .query(&stmt, &[&table.as_str(), &top_list, &(FINE_PER_TOP as i64)])?;
+            .query(&stmt, &[&synced.id, &top_list, &(FINE_PER_TOP as i64)])?;
         for row in rows {
-            let bucket: i64 = row.get(0);
+            let bucket = i64::from(row.get::<_, i32>(0));
             let fp: i64 = row.get(1);
             let top = bucket / FINE_PER_TOP as i64;
             for (t, fps) in out.iter_mut().filter(|(t, _)| i64::from(*t) == top) {
@@ -146,7 +145,7 @@ impl<C: Clock> PostgresStore<C> {
         table: &TableName,
         fine: &[u32],
     ) -> Result<Vec<(u32, PrimaryKey, i64)>, Error> {
-        self.synced_or_err(table)?;
+        let synced = self.synced_or_err(table)?;
         if fine.len() > BUCKETS_PER_REQUEST_MAX {
             return Err(StoreError::BatchTooLarge {
                 len: fine.len(),
@@ -155,15 +154,15 @@ impl<C: Clock> PostgresStore<C> {
             .into());
         }
         let sql = format!(
-            "SELECT bucket, pk, h FROM {}.row_states WHERE tbl = $1 \
-             AND bucket = ANY($2::pg_catalog.int8[]) ORDER BY bucket, pk",
+            "SELECT bucket, pk, h FROM {}.rows WHERE tbl = $1 \
+             AND bucket = ANY($2::pg_catalog.int4[]) ORDER BY bucket, pk",
             self.ds
         );
         let stmt = self.stmt(&sql)?;
-        let buckets: Vec<i64> = fine.iter().map(|b| i64::from(*b)).collect();
+        let buckets: Vec<i32> = fine.iter().map(|b| *b as i32).collect();
         let mut out = Vec::new();
-        for row in self.client.query(&stmt, &[&table.as_str(), &buckets])? {
-            let bucket: i64 = row.get(0);
+        for row in self.client.query(&stmt, &[&synced.id, &buckets])? {
+            let bucket: i32 = row.get(0);
             let pk: Vec<u8> = row.get(1);
             let h: i64 = row.get(2);
             let key = PrimaryKey::from_bytes(&pk)
@@ -188,24 +187,16 @@ impl<C: Clock> PostgresStore<C> {
             }
             .into());
         }
-        let sql = format!(
-            "SELECT s.pk, s.state FROM unnest($2::pg_catalog.bytea[]) \
-             WITH ORDINALITY AS u(pk, i) JOIN {}.row_states AS s ON s.tbl = $1 AND s.pk = u.pk \
-             ORDER BY u.i",
-            self.ds
-        );
-        let stmt = self.stmt(&sql)?;
         let mut out = Vec::new();
         for chunk in keys.chunks(crate::rowio::BULK_ROWS_MAX) {
-            let pks: Vec<&[u8]> = chunk.iter().map(PrimaryKey::as_bytes).collect();
-            for row in self.client.query(&stmt, &[&table.as_str(), &pks])? {
-                let pk: Vec<u8> = row.get(0);
-                let bytes: Vec<u8> = row.get(1);
-                let key = PrimaryKey::from_bytes(&pk)
-                    .map_err(|e| StoreError::Corrupt(format!("row key in {table}: {e}")))?;
-                let state = decode_row_state(&bytes)
-                    .map_err(|e| StoreError::Corrupt(format!("row state of {table} {key}: {e}")))?;
-                out.extend(state.to_changes(table, &key, synced.schema.fingerprint));
+            let refs: Vec<&PrimaryKey> = chunk.iter().collect();
+            let stored = self.read_stored(&synced, &refs)?;
+            let present: Vec<bool> = stored.iter().map(Option::is_some).collect();
+            let states = self.rebuild_states(&synced, &refs, stored, None)?;
+            for ((key, (state, _)), present) in chunk.iter().zip(states).zip(present) {
+                if present {
+                    out.extend(state.to_changes(table, key, synced.schema.fingerprint));
+                }
             }
         }
         Ok(out)
@@ -253,13 +244,18 @@ impl<C: Clock> PostgresStore<C> {
             store.capture_all_in_tx(&mut captured)?;
             let (user_keys, full) = store.user_keys_after(&synced, after, limit)?;
             let upper = capture::chunk_end(&user_keys, full);
-            let state_keys = store.state_keys_between(table, after, upper.as_ref())?;
+            let state_keys = store.state_keys_between(&synced, after, upper.as_ref())?;
             let keys = capture::chunk_keys(user_keys, state_keys);
-            let ids: Vec<(TableName, PrimaryKey)> =
-                keys.iter().map(|k| (table.clone(), k.clone())).collect();
-            store.load_states(&ids)?;
             let refs: Vec<&PrimaryKey> = keys.iter().collect();
             let rows = store.read_user_rows(&synced, &refs)?;
+            let ids: Vec<(TableName, PrimaryKey)> =
+                keys.iter().map(|k| (table.clone(), k.clone())).collect();
+            let by_key: std::collections::HashMap<_, _> = keys
+                .iter()
+                .zip(&rows)
+                .map(|(k, r)| ((synced.id, k.clone()), r.clone()))
+                .collect();
+            store.load_states_with(&ids, Some(&by_key))?;
             for (key, row) in keys.iter().zip(rows) {
                 report.checked += 1;
                 store.verify_row(&synced, key, row, repair, &mut report)?;
@@ -328,14 +324,17 @@ impl<C: Clock> PostgresStore<C> {
         Ok((out, full))
     }
 
+    /// The keys with a stored state in `(after, upper]`. The rows' index is by bucket first, so
+    /// this reads every state key of the table (known cost: O(rows) per verify chunk).
     fn state_keys_between(
         &mut self,
-        table: &TableName,
+        synced: &Synced,
         after: Option<&PrimaryKey>,
         upper: Option<&PrimaryKey>,
     ) -> Result<Vec<PrimaryKey>, Error> {
+        let table = &synced.schema.name;
         let sql = format!(
-            "SELECT pk FROM {}.row_states WHERE tbl = $1 AND pk > $2 \
+            "SELECT pk FROM {}.rows WHERE tbl = $1 AND pk > $2 \
              AND ($3::pg_catalog.bytea IS NULL OR pk <= $3) ORDER BY pk",
             self.ds
         );
@@ -345,7 +344,7 @@ impl<C: Clock> PostgresStore<C> {
         let mut out = Vec::new();
         for row in self
             .client
-            .query(&stmt, &[&table.as_str(), &after_bytes, &upper_bytes])?
+            .query(&stmt, &[&synced.id, &after_bytes, &upper_bytes])?
         {
             let pk: Vec<u8> = row.get(0);
             out.push(
@@ -356,6 +355,11 @@ impl<C: Clock> PostgresStore<C> {
         Ok(out)
     }
 
+    /// One row of the local check. The state was rebuilt from the table row (values the
+    /// metadata does not keep come from it), so an edit behind driftless's back shows as an
+    /// item hash that no longer matches the stored one, or as a table value that does not show
+    /// a value the metadata keeps. Such content is adopted as a local write of every column
+    /// (the same rule as the SQLite adapter; docs/reconciliation.md).
     fn verify_row(
         &mut self,
         synced: &Synced,
@@ -366,52 +370,41 @@ impl<C: Clock> PostgresStore<C> {
     ) -> Result<(), Error> {
         let table = &synced.schema.name;
         let state: RowState = self.cached_state(table, key)?;
+        let stored_hash = self.tx.states[&(table.clone(), key.clone())].old_hash;
         let Ok(row) = row else {
             return Ok(()); // unrepresentable; refused at capture
         };
-        if state.version().is_none() {
-            if row.is_some() {
-                // in the table, never captured: adopt it as a local insert
-                if repair {
-                    let mut capture = CaptureReport::default();
-                    self.stamp_key(synced, OP_INSERT, key, Ok(row), &mut capture)?;
-                }
-                report.adopted += 1;
+        let drifted = match stored_hash {
+            None => row.is_some(),
+            Some(stored_hash) => {
+                let visible = state.visible();
+                capture::drift(visible.as_ref(), row.as_deref(), |i, table, held| {
+                    self.shows(&synced.values[i], table, held)
+                })?
+                .is_some()
+                    || (row.is_some()
+                        && driftless_store::fingerprint::item_hash(
+                            key,
+                            &driftless_core::codec::encode_row_state(&state),
+                        ) != stored_hash)
             }
+        };
+        if !drifted {
             return Ok(());
         }
-        let visible = state.visible();
-        let Some(differs) = capture::drift(visible.as_ref(), row.as_deref(), |i, table, held| {
-            self.shows(&synced.values[i], table, held)
-        })?
-        else {
-            return Ok(());
-        };
-        if !repair {
+        if repair {
+            let mut capture = CaptureReport::default();
+            let all = capture::Recorded {
+                all_columns: true,
+                ..capture::Recorded::default()
+            };
+            self.stamp_recorded(synced, key, &all, Ok(row), &mut capture)?;
+        }
+        if stored_hash.is_none() {
+            report.adopted += 1;
+        } else {
             report.restored += 1;
-            return Ok(());
         }
-        let version = state.version().expect("checked above");
-        let conflicts = capture::drift_conflicts(table, key, version, differs);
-        self.record_conflicts(&conflicts)?;
-        let write = RowWrite {
-            key: key.clone(),
-            visible,
-            recreate: false,
-        };
-        let restore_error = |reason: String| StoreError::Schema {
-            table: table.to_string(),
-            reason: format!("cannot restore {key} from its merge state: {reason}"),
-        };
-        match self.write_user_rows(synced, std::slice::from_ref(&write)) {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => return Err(restore_error(reason).into()),
-            Err(e) if e.is_data_problem() => {
-                return Err(restore_error(e.describe()).into());
-            }
-            Err(e) => return Err(e),
-        }
-        report.restored += 1;
         Ok(())
     }
 

@@ -281,6 +281,28 @@ pub struct Synced {
     pub function_body: String,
     /// The same for a partitioned table (row-level; see `row_capture_function_body`).
     pub row_function_body: String,
+    /// The stable id of each value column (same order as `values`), from `columns`: ids, not
+    /// positions, because a dropped column would shift every later one.
+    pub column_ids: Vec<u32>,
+    pub by_id: std::collections::HashMap<u32, ColumnName>,
+}
+
+impl driftless_store::rowmeta::ColumnIds for Synced {
+    fn id_of(&self, column: &ColumnName) -> Option<u32> {
+        self.values
+            .iter()
+            .position(|c| &c.name == column)
+            .map(|i| self.column_ids[i])
+    }
+    fn name_of(&self, id: u32) -> Option<&ColumnName> {
+        self.by_id.get(&id)
+    }
+}
+
+/// The bit of the changed-columns mask that stands for the column with stable id `id` (ids
+/// from 63 up share the last bit: a write to one of them counts as a write to all of them).
+pub fn mask_bit(id: u32) -> u32 {
+    id.min(63)
 }
 
 impl Synced {
@@ -291,6 +313,7 @@ impl Synced {
         oid: u32,
         identity_always: bool,
         table_schema: &str,
+        column_ids: Vec<u32>,
     ) -> Self {
         let qualified = format!(
             "{}.{}",
@@ -356,8 +379,13 @@ impl Synced {
             ordered.join(", ")
         );
         let function_name = format!("capture_{id}");
-        let function_body = capture_function_body(id, &keys);
-        let row_function_body = row_capture_function_body(id, &keys);
+        let function_body = capture_function_body(id, &keys, &values, &column_ids);
+        let row_function_body = row_capture_function_body(id, &keys, &values, &column_ids);
+        let by_id = values
+            .iter()
+            .zip(&column_ids)
+            .map(|(c, id)| (*id, c.name.clone()))
+            .collect();
         Synced {
             id,
             schema,
@@ -374,6 +402,8 @@ impl Synced {
             function_name,
             function_body,
             row_function_body,
+            column_ids,
+            by_id,
         }
     }
 
@@ -483,9 +513,44 @@ fn order_collation(c: &PgColumn, expr: &str) -> String {
     }
 }
 
-/// The body of a table's capture function. Records only the table id, the operation and the
-/// key (as fixed text forms); values are read when the write is stamped.
-fn capture_function_body(id: i32, keys: &[PgColumn]) -> String {
+/// The changed-columns mask of an update, from the old row `o` and the new row `n` (`o` may
+/// be all NULL: then every non-NULL column counts as changed). Types whose equality is not
+/// exact identity (numeric `1.0 = 1.00`, float `-0 = 0`, json has none) are compared by text.
+fn mask_expr(values: &[PgColumn], column_ids: &[u32], o: &str, n: &str) -> String {
+    if values.is_empty() {
+        return "0::pg_catalog.int8".into();
+    }
+    values
+        .iter()
+        .zip(column_ids)
+        .map(|(c, id)| {
+            let (old, new) = match c.kind {
+                PgKind::Int | PgKind::Bool | PgKind::Text | PgKind::Bytea | PgKind::Uuid
+                | PgKind::Date => (format!("{o}.{}", c.quoted), format!("{n}.{}", c.quoted)),
+                _ => (
+                    format!("({o}.{})::pg_catalog.text", c.quoted),
+                    format!("({n}.{})::pg_catalog.text", c.quoted),
+                ),
+            };
+            format!(
+                "(CASE WHEN {old} IS DISTINCT FROM {new} THEN (1::pg_catalog.int8 << {}) ELSE 0 END)",
+                mask_bit(*id)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// The body of a table's capture function. Records the table id, the operation, the key (as
+/// fixed text forms) and for an update the mask of the columns it changed (storage format 2
+/// keeps no copy of the old values to compare with, so the trigger, which still sees the old
+/// row, says which columns changed); values are read when the write is stamped.
+fn capture_function_body(
+    id: i32,
+    keys: &[PgColumn],
+    values: &[PgColumn],
+    column_ids: &[u32],
+) -> String {
     let targets: String = (0..keys.len()).map(|i| format!(", k{i}")).collect();
     let of = |alias: &str| -> String {
         keys.iter()
@@ -503,11 +568,13 @@ fn capture_function_body(id: i32, keys: &[PgColumn]) -> String {
         .collect::<Vec<_>>()
         .join(" AND ");
     let (new, old) = (of("n"), of("o"));
+    let mask = mask_expr(values, column_ids, "o", "n");
     // `PENDING` is replaced by the qualified pending table when installed. One statement per
     // user statement, over its transition tables: a 10,000-row INSERT records its keys with
     // one INSERT ... SELECT instead of 10,000 trigger calls. An UPDATE that changed keys records
     // the old keys that no new row has as deletes (a swap of two keys deletes nothing: both
-    // keys still exist, with new content).
+    // keys still exist, with new content, and each new row's mask is taken against the old row
+    // that had its key, which is what that key's merge state holds).
     format!(
         "BEGIN
   IF TG_OP = 'INSERT' THEN
@@ -515,7 +582,8 @@ fn capture_function_body(id: i32, keys: &[PgColumn]) -> String {
   ELSIF TG_OP = 'UPDATE' THEN
     INSERT INTO PENDING (tbl, op{targets}) SELECT {id}, {OP_DELETE}{old} FROM {OLD_ROWS} AS o
       WHERE NOT EXISTS (SELECT 1 FROM {NEW_ROWS} AS n WHERE {same_key});
-    INSERT INTO PENDING (tbl, op{targets}) SELECT {id}, {OP_UPDATE}{new} FROM {NEW_ROWS} AS n;
+    INSERT INTO PENDING (tbl, op, cols{targets}) SELECT {id}, {OP_UPDATE}, {mask}{new}
+      FROM {NEW_ROWS} AS n LEFT JOIN {OLD_ROWS} AS o ON {same_key};
   ELSE
     INSERT INTO PENDING (tbl, op{targets}) SELECT {id}, {OP_DELETE}{old} FROM {OLD_ROWS} AS o;
   END IF;
@@ -527,7 +595,14 @@ END"
 /// The row-level variant, for partitioned tables: a statement trigger on a partitioned table
 /// does not fire for statements that name one of its partitions, while a row trigger is cloned
 /// onto every partition (present and future), so writes straight into a partition are captured.
-fn row_capture_function_body(id: i32, keys: &[PgColumn]) -> String {
+/// An update that changed the key records no mask (every column counts as written): the new
+/// key's state need not be the old row's.
+fn row_capture_function_body(
+    id: i32,
+    keys: &[PgColumn],
+    values: &[PgColumn],
+    column_ids: &[u32],
+) -> String {
     let targets: String = (0..keys.len()).map(|i| format!(", k{i}")).collect();
     let of = |record: &str| -> String {
         keys.iter()
@@ -546,6 +621,7 @@ fn row_capture_function_body(id: i32, keys: &[PgColumn]) -> String {
             .join(", ")
     };
     let (new, old) = (of("NEW"), of("OLD"));
+    let mask = mask_expr(values, column_ids, "OLD", "NEW");
     // `PENDING` is replaced by the qualified pending table when installed.
     format!(
         "BEGIN
@@ -554,8 +630,10 @@ fn row_capture_function_body(id: i32, keys: &[PgColumn]) -> String {
   ELSIF TG_OP = 'UPDATE' THEN
     IF ROW({old_row}) IS DISTINCT FROM ROW({new_row}) THEN
       INSERT INTO PENDING (tbl, op{targets}) VALUES ({id}, {OP_DELETE}{old});
+      INSERT INTO PENDING (tbl, op{targets}) VALUES ({id}, {OP_UPDATE}{new});
+    ELSE
+      INSERT INTO PENDING (tbl, op, cols{targets}) VALUES ({id}, {OP_UPDATE}, {mask}{new});
     END IF;
-    INSERT INTO PENDING (tbl, op{targets}) VALUES ({id}, {OP_UPDATE}{new});
   ELSE
     INSERT INTO PENDING (tbl, op{targets}) VALUES ({id}, {OP_DELETE}{old});
   END IF;

@@ -2,7 +2,7 @@
 //! operation goes through (serialized against other driftless sessions, REPEATABLE READ against
 //! the clients, retried on serialization failures).
 
-use crate::meta::{INSTALL_VERSION, Meta, install_sql};
+use crate::meta::{FORMAT, INSTALL_VERSION, Meta, install_sql};
 use crate::schema::{
     APPLYING_SETTING, CAPTURE_TRIGGERS, NEW_ROWS, OLD_ROWS, OP_INSERT, ROW_CAPTURE_TRIGGER, Synced,
     TRUNCATE_TRIGGER, dollar_quote, introspect, quote_ident, quote_literal,
@@ -184,14 +184,21 @@ pub(crate) struct CachedState {
     /// Its item hash when loaded (`None`: never seen), to keep bucket fingerprints in step.
     pub old_hash: Option<i64>,
     pub dirty: bool,
+    /// When it was last changed in this transaction (rows take sequence numbers in this order).
+    pub touched: u64,
+    /// The user row as the table showed it when the state was loaded or stamped: a value equal
+    /// to the table's need not be kept in the metadata (see `rowio::flush`).
+    pub table_row: Option<crate::rowio::UserRow>,
 }
 
-/// What the current write transaction has buffered: states loaded and changed, log entries to
-/// append (in order). Flushed with a few multi-row statements just before COMMIT.
+/// What the current write transaction has buffered: states loaded and changed, and the changes
+/// it made (kept only for the fault-injection harness's history). Flushed with a few multi-row
+/// statements just before COMMIT.
 #[derive(Debug, Default)]
 pub(crate) struct TxState {
     pub states: HashMap<(TableName, PrimaryKey), CachedState>,
-    pub log: Vec<(TableName, PrimaryKey, Vec<u8>)>,
+    pub touches: u64,
+    pub history: Vec<(TableName, PrimaryKey, Vec<u8>)>,
     /// What flushing changed in the top-level fingerprints, per table (XOR deltas)...
     pub top_deltas: HashMap<TableName, HashMap<usize, i64>>,
     /// ... and `fp_gen` before and after this transaction's bump (`None`: no state written).
@@ -228,6 +235,8 @@ pub struct PostgresStore<C: Clock = SystemClock> {
     pub(crate) catalog_signature: String,
     pub(crate) dead_letters_present: bool,
     pub(crate) tx: TxState,
+    /// Node ids interned to small integers for the row metadata (`nodes` table).
+    pub(crate) nodes: driftless_store::rowmeta::NodeInterner,
     /// Top-level fingerprints per table, kept up to date by this process's own commits and
     /// rebuilt from `row_states` when `fp_gen` shows that another process wrote (reconcile.rs).
     pub(crate) top_fingerprints: HashMap<TableName, TopFingerprints>,
@@ -361,6 +370,7 @@ impl<C: Clock> PostgresStore<C> {
             catalog_signature: String::new(),
             dead_letters_present: true,
             tx: TxState::default(),
+            nodes: Default::default(),
             top_fingerprints: HashMap::new(),
             hlc_saved: 0,
             tx_retries: 0,
@@ -440,6 +450,36 @@ impl<C: Clock> PostgresStore<C> {
             } else {
                 None
             };
+            let format = if installed {
+                store.meta.get_i64(&mut store.client, "format")?
+            } else {
+                None
+            };
+            if version.is_some_and(|v| v > INSTALL_VERSION) || format.is_some_and(|f| f > FORMAT) {
+                return Err(StoreError::Schema {
+                    table: format!("{}.meta", store.ds_name),
+                    reason: format!(
+                        "this database was set up by a newer driftless (install version {}, \
+                         storage format {}); this one reads install versions up to \
+                         {INSTALL_VERSION} and storage formats 1 and {FORMAT}: run the newer release",
+                        version.unwrap_or(0),
+                        format.unwrap_or(1)
+                    ),
+                }
+                .into());
+            }
+            // storage format 1 kept `row_states` and `log`: converted below, in this transaction
+            let legacy = installed
+                && store
+                    .client
+                    .query_one(
+                        &format!(
+                            "SELECT pg_catalog.to_regclass('{}.row_states') IS NOT NULL",
+                            store.ds.replace('\'', "''")
+                        ),
+                        &[],
+                    )?
+                    .get::<_, bool>(0);
             if version != Some(INSTALL_VERSION) {
                 store.client.batch_execute(&install_sql(&store.ds))?;
                 store
@@ -475,8 +515,13 @@ impl<C: Clock> PostgresStore<C> {
                     .observe_persisted(Timestamp::from_u64(last as u64));
                 store.hlc_saved = last as u64;
             }
+            store.load_nodes()?;
             // (a retried attempt bootstraps again: the failed one rolled back)
             store.refresh_schemas_in_tx(true)?;
+            if legacy {
+                crate::upgrade::convert(store)?;
+            }
+            store.meta.set_i64(&mut store.client, "format", FORMAT)?;
             Ok(())
         });
         self.install_locks.clear();
@@ -508,6 +553,7 @@ impl<C: Clock> PostgresStore<C> {
                     &[&name],
                 )?
                 .get(0);
+            let column_ids = self.column_ids(id, &schema)?;
             let table = Synced::new(
                 id,
                 schema.clone(),
@@ -515,6 +561,7 @@ impl<C: Clock> PostgresStore<C> {
                 oid,
                 identity_always,
                 &self.table_schema,
+                column_ids,
             );
             self.install_triggers(&table)?;
             let installed_key = format!("installed:{}", schema.name);
@@ -536,6 +583,50 @@ impl<C: Clock> PostgresStore<C> {
         // prepared statements may name columns that changed
         self.statements.clear();
         self.catalog_signature = self.read_catalog_signature()?;
+        Ok(())
+    }
+
+    /// The stable ids of a table's value columns, assigning new ones (never reused) to columns
+    /// seen for the first time.
+    fn column_ids(&mut self, table_id: i32, schema: &TableSchema) -> Result<Vec<u32>, Error> {
+        let insert = format!(
+            "INSERT INTO {ds}.columns (tbl, id, name) SELECT $1, coalesce(max(id) + 1, 0), $2 \
+             FROM {ds}.columns WHERE tbl = $1 ON CONFLICT DO NOTHING",
+            ds = self.ds
+        );
+        let select = format!(
+            "SELECT id FROM {}.columns WHERE tbl = $1 AND name = $2",
+            self.ds
+        );
+        let mut out = Vec::new();
+        for column in schema.value_columns() {
+            let name = column.name.as_str();
+            self.client.execute(&insert, &[&table_id, &name])?;
+            let id: i32 = self.client.query_one(&select, &[&table_id, &name])?.get(0);
+            out.push(u32::try_from(id).map_err(|_| {
+                StoreError::Corrupt(format!("column id {id} of {} is negative", schema.name))
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Reloads the node interner from the `nodes` table (at open, when another process added
+    /// nodes, and after a rolled-back transaction that may have interned nodes it never stored).
+    pub(crate) fn load_nodes(&mut self) -> Result<(), Error> {
+        let sql = format!("SELECT id, node FROM {}.nodes", self.ds);
+        let mut stored = Vec::new();
+        for row in self.client.query(&sql, &[])? {
+            let id: i32 = row.get(0);
+            let bytes: Vec<u8> = row.get(1);
+            let bytes: [u8; 16] = bytes
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("node {id} is not 16 bytes")))?;
+            let id = u32::try_from(id)
+                .map_err(|_| StoreError::Corrupt(format!("node index {id} out of range")))?;
+            stored.push((id, NodeId::from_bytes(bytes)));
+        }
+        self.nodes = driftless_store::rowmeta::NodeInterner::from_stored(stored)
+            .map_err(StoreError::Corrupt)?;
         Ok(())
     }
 
@@ -682,7 +773,7 @@ impl<C: Clock> PostgresStore<C> {
     /// The catalog signature, with whether any dead letter holds a change (so a batch knows
     /// whether to retry the dead letters of the rows it writes): one round trip, paid by
     /// every write transaction.
-    fn read_catalog_signature_and_dead_letters(&mut self) -> Result<(String, bool), Error> {
+    fn read_catalog_signature_and_dead_letters(&mut self) -> Result<(String, bool, i64), Error> {
         let names: Vec<String> = self
             .configs
             .iter()
@@ -690,7 +781,8 @@ impl<C: Clock> PostgresStore<C> {
             .collect();
         let sql = format!(
             "SELECT coalesce(pg_catalog.string_agg(x, ';' ORDER BY x), ''),
-              EXISTS (SELECT 1 FROM {ds}.dead_letters WHERE change IS NOT NULL) FROM (
+              EXISTS (SELECT 1 FROM {ds}.dead_letters WHERE change IS NOT NULL),
+              (SELECT count(*) FROM {ds}.nodes) FROM (
               SELECT c.oid::pg_catalog.text || ':' || c.xmin::pg_catalog.text || ':' ||
                 coalesce((SELECT pg_catalog.string_agg(a.attnum::pg_catalog.text || '.' || a.xmin::pg_catalog.text, ',' ORDER BY a.attnum)
                           FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0), '') || ':' ||
@@ -706,7 +798,7 @@ impl<C: Clock> PostgresStore<C> {
         let row = self
             .client
             .query_one(&stmt, &[&self.table_schema, &names])?;
-        Ok((row.get(0), row.get(1)))
+        Ok((row.get(0), row.get(1), row.get(2)))
     }
 
     /// A prepared statement for `sql`, prepared once per connection (and per schema: DDL on the
@@ -811,9 +903,13 @@ impl<C: Clock> PostgresStore<C> {
                 self.flush()?;
                 return Ok(value);
             }
-            let (signature, dead_letters_present) =
+            let (signature, dead_letters_present, nodes) =
                 self.read_catalog_signature_and_dead_letters()?;
             self.dead_letters_present = dead_letters_present;
+            if nodes != self.nodes.len() as i64 {
+                // another process (an admin command, a second node) interned nodes
+                self.load_nodes()?;
+            }
             if signature != self.catalog_signature {
                 self.refresh_schemas_in_tx(false)?;
             }
@@ -845,9 +941,47 @@ impl<C: Clock> PostgresStore<C> {
         }
     }
 
+    /// Runs `body` in one read-only REPEATABLE READ snapshot, so the row metadata and the user
+    /// rows it reads values from agree. If local writes are waiting to be stamped (the table
+    /// holds values newer than their metadata), runs it in a write transaction instead, after
+    /// stamping them (and flushing, so `body` reads what stamping wrote).
+    pub(crate) fn read_snapshot<T>(
+        &mut self,
+        mut body: impl FnMut(&mut Self) -> Result<T, Error>,
+    ) -> Result<T, StoreError> {
+        self.ensure_connected()?;
+        let quiet = (|| -> Result<bool, Error> {
+            self.client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+            let sql = format!("SELECT NOT EXISTS (SELECT 1 FROM {}.pending)", self.ds);
+            let stmt = self.stmt(&sql)?;
+            Ok(self.client.query_one(&stmt, &[])?.get(0))
+        })();
+        match quiet {
+            Ok(true) => {
+                let result = body(self);
+                let end = self.client.batch_execute("COMMIT");
+                let value = result.map_err(Error::into_store)?;
+                end.map_err(|e| Error::from(e).into_store())?;
+                Ok(value)
+            }
+            other => {
+                let _ = self.client.batch_execute("ROLLBACK");
+                other.map_err(Error::into_store)?;
+                self.write_tx(|store| {
+                    let mut captured = driftless_store::CaptureReport::default();
+                    store.capture_all_in_tx(&mut captured)?;
+                    store.flush()?;
+                    body(store)
+                })
+            }
+        }
+    }
+
     /// Best effort: the transaction may already be gone, the connection too.
     fn abort_tx(&mut self) {
         self.tx = TxState::default();
+        self.nodes.roll_back();
         let _ = self.client.batch_execute("ROLLBACK");
         let _ = self.client.batch_execute(&format!(
             "SELECT pg_catalog.pg_advisory_unlock({})",

@@ -6,7 +6,7 @@ mod common;
 
 use common::{TestDb, databases, sync};
 use driftless_core::hlc::ManualClock;
-use driftless_core::{ColumnKind, ColumnName, NodeId, TableName};
+use driftless_core::{ColumnKind, ColumnName, NodeId, PrimaryKey, TableName};
 use driftless_postgres::{OpenError, PostgresOptions, PostgresStore};
 use driftless_store::{CompactionPolicy, LogSeq, PeerLogState, Store, StoreError, TableConfig};
 use postgres::Client;
@@ -69,6 +69,9 @@ fn applied_changes_are_not_captured_again_and_relays_keep_origin_and_version() {
     // no echo: applying created no pending local writes and nothing new to stamp
     assert_eq!(b.pending_local_writes().unwrap(), 0);
     assert!(b.capture(100).unwrap().changes.is_empty());
+    // b's log holds the relayed changes with a's origin and versions, not new local ones: in
+    // storage format 2 the log is the rows' states, so it serves each row's latest state (row
+    // 1's insert and its later update of qty as two changes, one per version)
     let relayed: Vec<_> = b
         .read_log(LogSeq(0), 100)
         .unwrap()
@@ -76,8 +79,26 @@ fn applied_changes_are_not_captured_again_and_relays_keep_origin_and_version() {
         .into_iter()
         .map(|e| e.change)
         .collect();
-    assert_eq!(relayed, written);
     assert!(relayed.iter().all(|ch| ch.origin() == NodeId::new(1)));
+    let versions = |changes: &[driftless_core::Change]| {
+        let mut v: Vec<_> = changes.iter().map(|c| c.version).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    assert_eq!(versions(&relayed), versions(&written));
+    // served to a itself, they are all left out: a page with no entries that still moves a's
+    // cursor to the head
+    let to_a = b.read_log_for(LogSeq(0), 100, NodeId::new(1)).unwrap();
+    assert!(to_a.entries.is_empty(), "{to_a:?}");
+    assert_eq!(to_a.next, b.log_head().unwrap());
+    assert_eq!(
+        b.read_log_for(LogSeq(0), 100, NodeId::new(3))
+            .unwrap()
+            .entries
+            .len(),
+        relayed.len()
+    );
 
     // c only talks to b, and still gets a's writes with a's versions
     sync(&mut b, &mut c);
@@ -88,13 +109,18 @@ fn applied_changes_are_not_captured_again_and_relays_keep_origin_and_version() {
         .into_iter()
         .map(|e| e.change)
         .collect();
-    assert_eq!(at_c, written);
+    assert_eq!(at_c, relayed);
     assert_eq!(rows(&mut cc), rows(&mut ca));
     assert_eq!(rows(&mut cb), rows(&mut ca));
-    // replaying the same pages again changes nothing (exactly-once effect)
+    // replaying the same changes again changes nothing (exactly-once effect)
+    let head = b.log_head().unwrap();
     let again = b.apply_batch(NodeId::new(1), &written, LogSeq(3)).unwrap();
     assert_eq!((again.applied, again.duplicates + again.superseded), (0, 3));
-    assert_eq!(b.read_log(LogSeq(0), 100).unwrap().entries.len(), 3);
+    assert_eq!(
+        b.log_head().unwrap(),
+        head,
+        "a duplicate moves no row in the log"
+    );
     // a client write on top of applied rows is captured as one local change
     cb.batch_execute("UPDATE items SET name = 'bee' WHERE id = 2")
         .unwrap();
@@ -300,8 +326,8 @@ fn a_store_keeps_its_node_id_and_refuses_another() {
 }
 
 #[test]
-fn compaction_drops_superseded_entries_and_a_peer_behind_retention_must_bootstrap() {
-    let Some(dbs) = databases("compaction", 3) else {
+fn the_log_is_the_row_states_superseded_changes_vanish_and_no_peer_falls_behind() {
+    let Some(dbs) = databases("log_is_states", 4) else {
         return;
     };
     let clock = ManualClock::new(T0);
@@ -309,10 +335,13 @@ fn compaction_drops_superseded_entries_and_a_peer_behind_retention_must_bootstra
     ca.batch_execute("INSERT INTO items VALUES (1, 'a', 0)")
         .unwrap();
     a.capture(10).unwrap();
+    let (mut b, mut cb) = open(&dbs[1], 2, &clock, DDL);
+    sync(&mut a, &mut b);
+    let b_cursor = a.log_head().unwrap();
     for i in 1..=10i64 {
         ca.execute(
-            "UPDATE items SET name = $1, qty = $2 WHERE id = 1",
-            &[&format!("v{i}"), &i],
+            "UPDATE items SET name = $1 WHERE id = 1",
+            &[&format!("v{i}")],
         )
         .unwrap();
         a.capture(10).unwrap();
@@ -320,30 +349,18 @@ fn compaction_drops_superseded_entries_and_a_peer_behind_retention_must_bootstra
     ca.batch_execute("INSERT INTO items VALUES (2, 'b', 0)")
         .unwrap();
     a.capture(10).unwrap();
-    assert_eq!(a.read_log(LogSeq(0), 100).unwrap().entries.len(), 12);
+    // eleven changes made, two rows: the log holds each row's latest state, whole (row 1 as
+    // its insert's cells and its latest name, two versions), superseded names gone
+    let page = a.read_log(LogSeq(0), 100).unwrap();
+    let rows_in_log: std::collections::BTreeSet<_> = page.entries.iter().map(|e| e.seq).collect();
+    assert_eq!(rows_in_log.len(), 2, "{page:?}");
+    assert_eq!(page.entries.len(), 3, "{page:?}");
+    // nothing to compact, and a peer that acknowledged nothing still just streams
     let slow_peer = NodeId::new(99);
     assert_eq!(
         a.record_ack(slow_peer, LogSeq(0)).unwrap(),
         PeerLogState::Stream
     );
-
-    let report = a
-        .compact(&CompactionPolicy {
-            retain_entries_min: 0,
-            retain_entries_max: 100,
-            scan_entries_max: 1000,
-            retire_entries_max: 50_000,
-        })
-        .unwrap();
-    assert_eq!(report.superseded_dropped, 10, "{report:?}");
-    assert_eq!(
-        report.retired_dropped, 0,
-        "the slow peer has not acknowledged anything"
-    );
-    let (mut b, mut cb) = open(&dbs[1], 2, &clock, DDL);
-    sync(&mut a, &mut b);
-    assert_eq!(rows(&mut cb), rows(&mut ca));
-
     let report = a
         .compact(&CompactionPolicy {
             retain_entries_min: 0,
@@ -352,35 +369,86 @@ fn compaction_drops_superseded_entries_and_a_peer_behind_retention_must_bootstra
             retire_entries_max: 50_000,
         })
         .unwrap();
-    assert_eq!(report.peers_marked_for_bootstrap, vec![slow_peer]);
-    assert!(matches!(
+    assert_eq!(report, driftless_store::CompactionReport::default());
+    assert_eq!(
         a.peer_state(slow_peer, LogSeq(0)).unwrap(),
-        PeerLogState::NeedsBootstrap { .. }
-    ));
-    assert!(matches!(
-        a.record_ack(slow_peer, LogSeq(0)).unwrap(),
-        PeerLogState::NeedsBootstrap { .. }
-    ));
-
-    // the re-bootstrap: a snapshot in small chunks, then the log from the snapshot's head
+        PeerLogState::Stream
+    );
+    // b streams on from its cursor, a new replica from 0: both reach the same rows
+    let page = a.read_log(b_cursor, 100).unwrap();
+    let changes: Vec<_> = page.entries.into_iter().map(|e| e.change).collect();
+    b.apply_batch(a.node_id(), &changes, page.next).unwrap();
+    assert_eq!(rows(&mut cb), rows(&mut ca));
     let (mut c, mut cc) = open(&dbs[2], 3, &clock, DDL);
+    sync(&mut a, &mut c);
+    assert_eq!(rows(&mut cc), rows(&mut ca));
+    // a snapshot in chunks of one row rebuilds the same rows too
+    let (mut d, mut cd) = open(&dbs[3], 4, &clock, DDL);
     let mut after = None;
-    let mut head = None;
+    let mut chunks = 0;
     loop {
         let chunk = a.snapshot_chunk(&items(), after.as_ref(), 1).unwrap();
-        head.get_or_insert(chunk.log_head);
-        c.apply_batch(a.node_id(), &chunk.changes, LogSeq(0))
+        d.apply_batch(a.node_id(), &chunk.changes, LogSeq(0))
             .unwrap();
+        chunks += 1;
         match chunk.next {
             Some(next) => after = Some(next),
             None => break,
         }
     }
-    assert_eq!(rows(&mut cc), rows(&mut ca));
-    assert_eq!(
-        a.record_ack(slow_peer, head.unwrap()).unwrap(),
-        PeerLogState::Stream
-    );
+    assert!(chunks >= 2);
+    assert_eq!(rows(&mut cd), rows(&mut ca));
+    // the head never moves back
+    let before = a.log_head().unwrap();
+    a.compact(&CompactionPolicy::default()).unwrap();
+    assert_eq!(a.log_head().unwrap(), before);
+}
+
+#[test]
+fn a_peer_streaming_while_rows_move_to_the_head_still_gets_every_cell() {
+    let Some(dbs) = databases("moving_rows", 2) else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let (mut a, mut ca) = open(&dbs[0], 1, &clock, DDL);
+    for id in 1..=6i64 {
+        ca.execute("INSERT INTO items VALUES ($1, 'n', 1)", &[&id])
+            .unwrap();
+        a.capture(100).unwrap();
+    }
+    let (mut b, mut cb) = open(&dbs[1], 2, &clock, DDL);
+    // one row per page; after each of the first pages, the row just ahead of the peer's cursor
+    // changes one column and moves to the head: when the peer reaches it there, its cursor is
+    // past the row's old place, so a log that sent only "the cells changed after the cursor"
+    // would never send its other cells
+    let mut moved = 0;
+    let mut served = Vec::new();
+    loop {
+        let after = b.cursor(a.node_id()).unwrap();
+        let page = a.read_log(after, 1).unwrap();
+        if page.entries.is_empty() {
+            break;
+        }
+        let changes: Vec<_> = page.entries.into_iter().map(|e| e.change).collect();
+        served.push(changes[0].key.clone());
+        b.apply_batch(a.node_id(), &changes, page.next).unwrap();
+        if moved < 3 {
+            // the next row in the log after this page
+            let ahead = a.read_log(page.next, 1).unwrap();
+            if let Some(next) = ahead.entries.first() {
+                let id = match next.change.key.parts()[0] {
+                    driftless_core::KeyPart::Integer(i) => i,
+                    _ => unreachable!(),
+                };
+                ca.execute("UPDATE items SET qty = qty + 1 WHERE id = $1", &[&id])
+                    .unwrap();
+                a.capture(100).unwrap();
+                moved += 1;
+            }
+        }
+    }
+    assert_eq!(moved, 3);
+    assert_eq!(rows(&mut cb), rows(&mut ca));
 }
 
 #[test]
@@ -527,22 +595,30 @@ fn truncate_of_a_synced_table_is_refused_and_verify_repairs_writes_behind_our_ba
     );
     let repaired = store.verify_chunk(&items(), None, 100, true).unwrap();
     assert_eq!((repaired.restored, repaired.adopted), (1, 1));
+    // storage format 2 keeps no copy of the values, so content written behind driftless's back
+    // is adopted as a local write (docs/reconciliation.md), not restored
     assert_eq!(
         rows(&mut client),
         vec![
-            (1, Some("a".into()), Some(1)),
+            (1, Some("sneaky".into()), Some(1)),
             (2, Some("b".into()), Some(2)),
             (3, Some("never captured".into()), Some(3))
         ]
     );
     let again = store.verify_chunk(&items(), None, 100, false).unwrap();
     assert_eq!((again.restored, again.adopted), (0, 0));
+    // and the adopted content is in the log, to be sent to every peer
+    let served: Vec<_> = store
+        .read_log(LogSeq(0), 100)
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.change)
+        .collect();
     assert!(
-        store
-            .conflicts(10)
-            .unwrap()
-            .iter()
-            .any(|c| c.record.rule == driftless_core::ConflictRule::Drift)
+        served.iter().any(|c| c.key == PrimaryKey::integer(1)
+            && c.cells().iter().any(|w| w.value == "sneaky".into())),
+        "{served:?}"
     );
 }
 
@@ -807,81 +883,6 @@ fn writes_straight_into_a_partition_of_a_partitioned_table_are_captured() {
         sync(&mut a, &mut b);
         assert_eq!(rows(&mut cb), rows(&mut ca), "after {sql}");
     }
-}
-
-/// The storage parameters driftless's busiest tables get, read from the catalog.
-fn fillfactors(client: &mut Client) -> Vec<(String, Option<Vec<String>>)> {
-    client
-        .query(
-            "SELECT c.relname::text, c.reloptions::text[] FROM pg_catalog.pg_class c \
-             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = 'driftless' AND c.relname IN ('row_states', 'fingerprints') \
-             ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
-}
-
-#[test]
-fn an_upgrade_leaves_room_for_hot_updates_and_drops_the_stored_fingerprints() {
-    let Some(db) = TestDb::create("fillfactor") else {
-        return;
-    };
-    let clock = ManualClock::new(T0);
-    let (mut store, mut client) = open(&db, 7, &clock, DDL);
-    // (the stored fingerprints of the first release are gone: they are kept in memory)
-    let wanted = vec![(
-        "row_states".to_owned(),
-        Some(vec!["fillfactor=80".to_owned()]),
-    )];
-    assert_eq!(fillfactors(&mut client), wanted);
-    client
-        .batch_execute("INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2)")
-        .unwrap();
-    store.capture(100).unwrap();
-    drop(store);
-    // A database installed by the first release: no storage parameters, a stored fingerprint
-    // table, no generation counter, install version 1.
-    client
-        .batch_execute(
-            "ALTER TABLE driftless.row_states RESET (fillfactor); \
-             CREATE TABLE driftless.fingerprints (tbl text NOT NULL, bucket bigint NOT NULL, \
-             fp bigint NOT NULL, PRIMARY KEY (tbl, bucket)); \
-             DELETE FROM driftless.meta WHERE key = 'fp_gen'; \
-             UPDATE driftless.meta SET ival = 1 WHERE key = 'install_version'",
-        )
-        .unwrap();
-    assert_eq!(
-        fillfactors(&mut client),
-        vec![
-            ("fingerprints".to_owned(), None),
-            ("row_states".to_owned(), None)
-        ]
-    );
-    let (mut store, mut client) = open(&db, 7, &clock, DDL);
-    assert_eq!(fillfactors(&mut client), wanted);
-    // the upgrade kept the data, the log and the merge states
-    assert_eq!(
-        rows(&mut client),
-        vec![
-            (1, Some("a".into()), Some(1)),
-            (2, Some("b".into()), Some(2))
-        ]
-    );
-    assert_eq!(store.log_head().unwrap(), LogSeq(2));
-    client
-        .batch_execute("UPDATE items SET qty = 5 WHERE id = 1")
-        .unwrap();
-    assert_eq!(store.capture(100).unwrap().changes.len(), 1);
-    let tops = store.top_fingerprints(&items()).unwrap();
-    assert_eq!(
-        tops.iter().filter(|fp| **fp != 0).count(),
-        2,
-        "two rows, two top buckets"
-    );
 }
 
 /// Top-level fingerprints straight from the merge states (what a fresh process computes).

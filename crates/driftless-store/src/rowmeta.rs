@@ -78,6 +78,15 @@ impl NodeInterner {
         i
     }
 
+    /// How many nodes are interned (stored or fresh).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
     pub fn node(&self, index: u32) -> Option<NodeId> {
         self.nodes.get(index as usize).copied()
     }

@@ -1,7 +1,8 @@
 //! Reading a replica straight from its SQLite file or PostgreSQL database, never through
 //! driftless: the synced tables as a canonical dump, the node's own changes from its change
 //! history (SQLite: `_driftless_history`, which the harness's test build keeps because storage
-//! format 2 stores only each row's latest state; PostgreSQL: `driftless.log`), and the counters
+//! format 2 stores only each row's latest state; PostgreSQL: `driftless.history`, likewise),
+//! and the counters
 //! that say whether replication is quiet (pending local writes, held changes, cursors, log head).
 //!
 //! Both kinds are read into the same [`Replica`], cell values as driftless values
@@ -214,7 +215,7 @@ fn probe_postgres(url: &str) -> Result<Probe, postgres::Error> {
         held: pg_count(&mut client, &format!("SELECT count(*) FROM {ds}.held"))?,
         log_head: pg_count(
             &mut client,
-            &format!("SELECT coalesce(max(seq), 0) FROM {ds}.log"),
+            &format!("SELECT coalesce(max(seq), 0) FROM {ds}.rows"),
         )?,
         cursors,
     })
@@ -336,9 +337,22 @@ fn read_postgres(url: &str, node: NodeId) -> Result<Replica, String> {
         integrity: pg_integrity(&mut client).map_err(|e| format!("amcheck: {e}"))?,
         ..Replica::default()
     };
+    // (no table: the node never changed anything, or it is not the harness's test build)
+    let kept: bool = client
+        .query_one(
+            &format!("SELECT pg_catalog.to_regclass('{ds}.history') IS NOT NULL"),
+            &[],
+        )
+        .map_err(|e| format!("look for {ds}.history: {e}"))?
+        .get(0);
+    let sql = if kept {
+        format!("SELECT change FROM {ds}.history ORDER BY seq")
+    } else {
+        "SELECT NULL::bytea WHERE false".to_owned()
+    };
     let entries = client
-        .query(&format!("SELECT change FROM {ds}.log ORDER BY seq"), &[])
-        .map_err(|e| format!("read {ds}.log: {e}"))?
+        .query(&sql, &[])
+        .map_err(|e| format!("read {ds}.history: {e}"))?
         .iter()
         .map(|row| row.get::<_, Vec<u8>>(0))
         .collect();

@@ -521,8 +521,37 @@ fn sizes_line(label: &str, url: &str) -> Result<String> {
             format!("{name} {:.0} MB", bytes as f64 / 1e6)
         })
         .collect();
-    Ok(format!("{label}, sizes with indexes: {}", parts.join(", ")))
+    // Issue 13's bytes target: every relation of driftless's schema (tables, indexes, TOAST)
+    // against the synced table's
+    let totals = connect(url, PROBE_APP)?.query_one(
+        "SELECT (SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::int8 FROM pg_class c \
+           JOIN pg_namespace n ON n.oid = c.relnamespace \
+           WHERE c.relkind = 'r' AND n.nspname = 'driftless'), \
+         coalesce(pg_total_relation_size(to_regclass('public.items')), 0)::int8",
+        &[],
+    )?;
+    let (ours, items): (i64, i64) = (totals.get(0), totals.get(1));
+    let ratio = if items > 0 {
+        let ratio = ours as f64 / items as f64;
+        format!(
+            "; driftless's tables / items = {ratio:.3} (target <= {BYTES_RATIO_TARGET}: {})",
+            if ratio <= BYTES_RATIO_TARGET {
+                "met"
+            } else {
+                "MISSED"
+            }
+        )
+    } else {
+        String::new()
+    };
+    Ok(format!(
+        "{label}, sizes with indexes: {}{ratio}",
+        parts.join(", ")
+    ))
 }
+
+/// Issue 13: driftless's own tables at most the synced table's bytes.
+const BYTES_RATIO_TARGET: f64 = 1.0;
 
 // ---------------------------------------------------------------------------------------------
 // Client writes (the same code for every database)

@@ -589,7 +589,7 @@ impl<C: Clock> PostgresStore<C> {
             self.ds
         ))?;
         let sql = format!(
-            "INSERT INTO {}.history (tbl, pk, change) SELECT * FROM unnest($1::pg_catalog.text[], \
+            "INSERT INTO {}.history (tbl, pk, change) SELECT u.t, u.p, u.c FROM unnest($1::pg_catalog.text[], \
              $2::pg_catalog.bytea[], $3::pg_catalog.bytea[]) WITH ORDINALITY AS u(t, p, c, n) ORDER BY n",
             self.ds
         );

@@ -76,9 +76,10 @@ const PROGRESS_EVERY: u64 = 100_000;
 const STALL_TIMEOUT: Duration = Duration::from_secs(180);
 /// Threads per node runtime.
 const NODE_WORKER_THREADS: usize = 2;
-/// Product brief: PG→PG sync rate ÷ native logical replication rate.
-const INSERT_RATIO_TARGET: f64 = 1.2;
-const UPDATE_RATIO_TARGET: f64 = 1.5;
+/// Issue 13 (newer than the brief): PG→PG sync rate ÷ native logical replication rate, 1M rows
+/// and 200k updates.
+const INSERT_RATIO_TARGET: f64 = 0.6;
+const UPDATE_RATIO_TARGET: f64 = 0.9;
 /// `[sync] compact_interval_ms` and `check_interval_ms`: long enough that no compaction pass or
 /// idle-link digest check lands in a timed window.
 const QUIET_MS: u64 = 3_600_000;
@@ -522,8 +523,10 @@ fn sizes_line(label: &str, url: &str) -> Result<String> {
         })
         .collect();
     // Issue 13's bytes target: every relation of driftless's schema (tables, indexes, TOAST)
-    // against the synced table's
-    let totals = connect(url, PROBE_APP)?.query_one(
+    // against the synced table's (`pending` included: at the origin it still holds the dead
+    // records of the backlog until it is vacuumed)
+    let mut probe = connect(url, PROBE_APP)?;
+    let totals = probe.query_one(
         "SELECT (SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::int8 FROM pg_class c \
            JOIN pg_namespace n ON n.oid = c.relnamespace \
            WHERE c.relkind = 'r' AND n.nspname = 'driftless'), \

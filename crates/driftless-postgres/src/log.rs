@@ -15,6 +15,10 @@ use driftless_store::{
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// A stored row listed for serving: its sequence number, its table (`None`: no longer synced),
+/// its key and its decoded metadata (`None`: nothing to serve).
+type Listed = (i64, Option<Arc<Synced>>, PrimaryKey, Option<RowMeta>);
+
 /// Most held changes examined per release call.
 const HELD_RELEASE_MAX: usize = 10_000;
 
@@ -41,8 +45,7 @@ impl<C: Clock> PostgresStore<C> {
         let rows = self
             .client
             .query(&stmt, &[&(after.0 as i64), &(limit as i64)])?;
-        let mut listed: Vec<(i64, Option<Arc<Synced>>, PrimaryKey, Option<RowMeta>)> =
-            Vec::with_capacity(rows.len());
+        let mut listed: Vec<Listed> = Vec::with_capacity(rows.len());
         for row in rows {
             let seq: i64 = row.get(0);
             let table_id: i32 = row.get(1);
@@ -86,7 +89,7 @@ impl<C: Clock> PostgresStore<C> {
     /// left out.
     fn rows_as_changes(
         &mut self,
-        listed: &mut [(i64, Option<Arc<Synced>>, PrimaryKey, Option<RowMeta>)],
+        listed: &mut [Listed],
         skip: Option<NodeId>,
     ) -> Result<Vec<Vec<Change>>, Error> {
         let mut out: Vec<Vec<Change>> = vec![Vec::new(); listed.len()];

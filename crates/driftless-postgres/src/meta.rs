@@ -52,12 +52,13 @@ pub fn install_sql(ds: &str) -> String {
         -- states are the change log: "changes after C" = rows with seq > C in seq order), its
         -- reconciliation bucket (from its key) and item hash (of key and full state). The
         -- primary key starts with the bucket, so it also serves reconciliation's range reads.
+        -- (8-byte columns first, then 4-byte, then the variable ones: no alignment padding)
         CREATE TABLE IF NOT EXISTS {ds}.rows (
+            seq bigint NOT NULL,
+            h bigint NOT NULL,
             tbl integer NOT NULL,
             bucket integer NOT NULL,
             pk bytea NOT NULL,
-            seq bigint NOT NULL,
-            h bigint NOT NULL,
             meta bytea NOT NULL,
             PRIMARY KEY (tbl, bucket, pk)
         );

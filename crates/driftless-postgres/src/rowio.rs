@@ -182,6 +182,9 @@ fn flush_sql(ds: &str) -> String {
     )
 }
 
+/// The current user rows of some keys, by `(table id, key)` (`Err`: not representable).
+pub(crate) type CurrentRows = HashMap<(i32, PrimaryKey), Result<Option<UserRow>, String>>;
+
 /// A stored row's metadata as read: `(seq, item hash, meta)`.
 pub(crate) type StoredRow = (i64, i64, Vec<u8>);
 
@@ -308,7 +311,7 @@ impl<C: Clock> PostgresStore<C> {
     pub(crate) fn load_states_with(
         &mut self,
         keys: &[(TableName, PrimaryKey)],
-        rows: Option<&HashMap<(i32, PrimaryKey), Result<Option<UserRow>, String>>>,
+        rows: Option<&CurrentRows>,
     ) -> Result<(), Error> {
         let mut missing: Vec<&(TableName, PrimaryKey)> = keys
             .iter()

@@ -943,8 +943,9 @@ impl<C: Clock> PostgresStore<C> {
 
     /// Runs `body` in one read-only REPEATABLE READ snapshot, so the row metadata and the user
     /// rows it reads values from agree. If local writes are waiting to be stamped (the table
-    /// holds values newer than their metadata), runs it in a write transaction instead, after
-    /// stamping them (and flushing, so `body` reads what stamping wrote).
+    /// holds values newer than their metadata), stamps them (a backlog in bounded transactions)
+    /// and runs `body` in a write transaction that stamps what is left first (and flushes, so
+    /// `body` reads what stamping wrote).
     pub(crate) fn read_snapshot<T>(
         &mut self,
         mut body: impl FnMut(&mut Self) -> Result<T, Error>,
@@ -968,6 +969,13 @@ impl<C: Clock> PostgresStore<C> {
             other => {
                 let _ = self.client.batch_execute("ROLLBACK");
                 other.map_err(Error::into_store)?;
+                // A backlog is stamped in bounded transactions first (memory stays bounded, and
+                // each commits as it goes); what arrives meanwhile is stamped with the read.
+                while self.write_tx(|store| {
+                    let mut captured = driftless_store::CaptureReport::default();
+                    store.capture_in_tx(driftless_store::CAPTURE_BATCH_ROWS_MAX, &mut captured)
+                })? == driftless_store::CAPTURE_BATCH_ROWS_MAX
+                {}
                 self.write_tx(|store| {
                     let mut captured = driftless_store::CaptureReport::default();
                     store.capture_all_in_tx(&mut captured)?;

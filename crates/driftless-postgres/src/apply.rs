@@ -205,7 +205,7 @@ impl<C: Clock> PostgresStore<C> {
         for (i, outcome) in outcomes {
             match outcome.effect {
                 Effect::Applied => {
-                    self.append_log(&changes[i]);
+                    self.note_change(&changes[i]);
                     report.applied += 1;
                 }
                 Effect::Duplicate => report.duplicates += 1,
@@ -381,7 +381,7 @@ impl<C: Clock> PostgresStore<C> {
                 }
                 self.client.batch_execute("RELEASE driftless_apply")?;
                 self.set_state(&change.table, &change.key, state);
-                self.append_log(change);
+                self.note_change(change);
                 report.applied += 1;
             }
         }

@@ -402,7 +402,7 @@ impl<C: Clock> PostgresStore<C> {
     /// changes (a row's state is its log entry); only test builds of the fault-injection
     /// harness (`fault-injection` feature and `DRIFTLESS_HISTORY=1`) keep them all, in
     /// `history`, for its checker.
-    pub(crate) fn append_log(&mut self, change: &Change) {
+    pub(crate) fn note_change(&mut self, change: &Change) {
         if history_enabled() {
             self.tx.history.push((
                 change.table.clone(),
@@ -580,7 +580,7 @@ impl<C: Clock> PostgresStore<C> {
     }
 
     /// Test builds of the fault-injection harness: appends the transaction's changes to
-    /// `history` (see [`Self::append_log`]).
+    /// `history` (see [`Self::note_change`]).
     fn flush_history(&mut self) -> Result<(), Error> {
         if self.tx.history.is_empty() {
             return Ok(());

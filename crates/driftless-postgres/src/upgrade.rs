@@ -21,7 +21,7 @@ use crate::store::{Error, PostgresStore};
 use driftless_core::codec::decode_row_state;
 use driftless_core::{Clock, PrimaryKey, RowState, TableName, Value};
 use driftless_store::StoreError;
-use driftless_store::rowmeta::ColumnIds;
+use driftless_store::rowmeta::{ColumnIds, UpgradeSeqs};
 use std::collections::HashMap;
 
 /// Old states converted per round trip.
@@ -58,8 +58,7 @@ pub(crate) fn convert<C: Clock>(store: &mut PostgresStore<C>) -> Result<(), Erro
         head = head.max(seq);
         newest.insert((row.get(0), row.get(1)), seq);
     }
-    let mut packed = 1i64;
-    let mut next = head + 1;
+    let mut seqs_for = UpgradeSeqs::new(floor, head);
     let mut old_states: HashMap<(i32, Vec<u8>), RowState> = HashMap::new();
     let mut last: (String, Vec<u8>) = (String::new(), Vec::new());
     let insert = format!(
@@ -98,17 +97,7 @@ pub(crate) fn convert<C: Clock>(store: &mut PostgresStore<C>) -> Result<(), Erro
                 .map_err(|e| StoreError::Corrupt(format!("row key in {tbl}: {e}")))?;
             let state = decode_row_state(&bytes)
                 .map_err(|e| StoreError::Corrupt(format!("row state of {tbl} {key}: {e}")))?;
-            let seq = match newest.get(&(tbl.clone(), pk.clone())) {
-                Some(seq) => *seq,
-                None if packed <= floor => {
-                    packed += 1;
-                    packed - 1
-                }
-                None => {
-                    next += 1;
-                    next - 1
-                }
-            };
+            let seq = seqs_for.seq_for(newest.get(&(tbl.clone(), pk.clone())).copied());
             let meta = store.meta_for(&synced, &key, &state, None)?;
             tables.push(synced.id);
             buckets.push(driftless_store::fingerprint::fine_bucket(&key) as i32);

@@ -178,27 +178,26 @@ impl<C: Clock> SqliteStore<C> {
         }
         let mut state = loaded.state.clone();
         let mut changed = false;
-        for stamp in stamps {
-            let version = Version::new(self.hlc.now()?, self.node);
-            let change = match capture::build(stamp, &state, schema, key, version) {
-                None => continue,
-                Some(Ok(change)) => change,
-                Some(Err(reason)) => {
+        let (hlc, node) = (&mut self.hlc, self.node);
+        let made = capture::stamp_all(stamps, &mut state, schema, key, || {
+            Ok(Version::new(hlc.now()?, node))
+        })?;
+        for stamped in made {
+            match stamped {
+                capture::Stamped::Made(change, conflicts) => {
+                    self.record_conflicts(&conflicts)?;
+                    record_history(&self.conn, &change)?;
+                    report.changes.push(change);
+                    changed = true;
+                }
+                capture::Stamped::Refused(reason) => {
                     self.dead_letter_local(
                         table.as_str(),
                         &format!("local write to {table} {key}: {reason}"),
                     )?;
                     report.refused += 1;
-                    continue;
                 }
-            };
-            let outcome = state
-                .apply(&change, &schema.rules)
-                .map_err(|e| StoreError::Corrupt(format!("own change refused by merge: {e}")))?;
-            self.record_conflicts(&outcome.conflicts)?;
-            record_history(&self.conn, &change)?;
-            report.changes.push(change);
-            changed = true;
+            }
         }
         if !changed {
             return Ok(());

@@ -21,7 +21,7 @@ use crate::store::SqliteStore;
 use driftless_core::codec::decode_row_state;
 use driftless_core::{Clock, KeyPart, PrimaryKey, Value};
 use driftless_store::StoreError;
-use driftless_store::rowmeta::{ColumnIds, RowMeta};
+use driftless_store::rowmeta::{ColumnIds, RowMeta, UpgradeSeqs};
 use rusqlite::{Connection, params};
 use std::collections::HashMap;
 
@@ -124,8 +124,7 @@ pub fn convert<C: Clock>(store: &mut SqliteStore<C>, _legacy: Legacy) -> Result<
             .map_err(db)?;
         rows.collect::<Result<_, _>>().map_err(db)?
     };
-    let mut packed = 1i64;
-    let mut next = head + 1;
+    let mut seqs_for = UpgradeSeqs::new(floor, head);
     let mut old_states = HashMap::new();
     for (tbl, pk, bytes, h) in old {
         let table = driftless_core::TableName::new(&tbl)
@@ -143,17 +142,7 @@ pub fn convert<C: Clock>(store: &mut SqliteStore<C>, _legacy: Legacy) -> Result<
             .map_err(|e| StoreError::Corrupt(format!("row key in {tbl}: {e}")))?;
         let state = decode_row_state(&bytes)
             .map_err(|e| StoreError::Corrupt(format!("row state of {tbl} {key}: {e}")))?;
-        let seq = match newest.get(&(tbl.clone(), pk.clone())) {
-            Some(seq) => *seq,
-            None if packed <= floor => {
-                packed += 1;
-                packed - 1
-            }
-            None => {
-                next += 1;
-                next - 1
-            }
-        };
+        let seq = seqs_for.seq_for(newest.get(&(tbl.clone(), pk.clone())).copied());
         let meta = RowMeta::from_state(&state, seq as u64, &synced.schema.rules, synced.as_ref())
             .map_err(|e| StoreError::Corrupt(format!("row state of {tbl} {key}: {e}")))?
             .encode(&mut store.nodes);

@@ -2,8 +2,11 @@
 //! row's merge state and what the table holds now. Every adapter's stamping uses it, so SQLite
 //! and PostgreSQL capture the same writes the same way.
 
-use crate::types::TableSchema;
-use driftless_core::{Change, ColumnName, LocalWriteError, PrimaryKey, RowState, Value, Version};
+use crate::types::{StoreError, TableSchema};
+use driftless_core::{
+    Change, ClockError, ColumnName, ConflictRecord, LocalWriteError, PrimaryKey, RowState, Value,
+    Version,
+};
 
 /// The operation a capture trigger recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +155,42 @@ pub fn build(
             schema.fingerprint,
         ),
     })
+}
+
+/// One planned stamp, made: the change and the conflicts merging it recorded, or why the write
+/// is refused (the adapter dead-letters it with this reason).
+#[derive(Debug)]
+pub enum Stamped {
+    Made(Change, Vec<ConflictRecord>),
+    Refused(LocalWriteError),
+}
+
+/// Makes the planned stamps of one row in order, each with a fresh version from `version`, and
+/// merges each into `state` (so a second stamp, the insert after a delete, builds on the
+/// first). Errors: the clock, or a change of our own that the merge refuses (a corrupt state).
+pub fn stamp_all(
+    stamps: Vec<Stamp>,
+    state: &mut RowState,
+    schema: &TableSchema,
+    key: &PrimaryKey,
+    mut version: impl FnMut() -> Result<Version, ClockError>,
+) -> Result<Vec<Stamped>, StoreError> {
+    let mut out = Vec::with_capacity(stamps.len());
+    for stamp in stamps {
+        let change = match build(stamp, state, schema, key, version()?) {
+            None => continue,
+            Some(Ok(change)) => change,
+            Some(Err(reason)) => {
+                out.push(Stamped::Refused(reason));
+                continue;
+            }
+        };
+        let outcome = state
+            .apply(&change, &schema.rules)
+            .map_err(|e| StoreError::Corrupt(format!("own change refused by merge: {e}")))?;
+        out.push(Stamped::Made(change, outcome.conflicts));
+    }
+    Ok(out)
 }
 
 /// Whether the table row shows exactly the merge state's visible values (a local write that lost

@@ -106,6 +106,44 @@ impl NodeInterner {
     }
 }
 
+/// Sequence numbers for the rows of a format-1 database converted to format 2 (both adapters'
+/// upgrade): a row keeps the number of its newest surviving log entry, so a peer's cursor means
+/// the same after the upgrade; rows whose entries were all retired take distinct numbers from 1
+/// up to the old log floor (a peer that still needs them re-bootstraps anyway), then above the
+/// old head.
+#[derive(Debug, Clone)]
+pub struct UpgradeSeqs {
+    floor: i64,
+    packed: i64,
+    next: i64,
+}
+
+impl UpgradeSeqs {
+    /// `head`: the highest surviving log entry (at least `floor`).
+    pub fn new(floor: i64, head: i64) -> Self {
+        UpgradeSeqs {
+            floor,
+            packed: 1,
+            next: head.max(floor) + 1,
+        }
+    }
+
+    /// The number of a row whose newest surviving entry is `newest`.
+    pub fn seq_for(&mut self, newest: Option<i64>) -> i64 {
+        match newest {
+            Some(seq) => seq,
+            None if self.packed <= self.floor => {
+                self.packed += 1;
+                self.packed - 1
+            }
+            None => {
+                self.next += 1;
+                self.next - 1
+            }
+        }
+    }
+}
+
 /// One stored cell.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CellMeta {

@@ -35,12 +35,15 @@
 mod admin;
 mod apply;
 mod capture;
+mod install;
 mod log;
 mod meta;
 mod reconcile;
 mod rowio;
 mod schema;
+mod states;
 mod store;
+mod tx;
 pub mod types;
 mod upgrade;
 

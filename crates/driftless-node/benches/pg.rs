@@ -18,7 +18,10 @@
 //!    subscriber database with `CREATE SUBSCRIPTION ... WITH (create_slot = false, slot_name =
 //!    ..., copy_data = false)` on a slot created apart (`pg_create_logical_replication_slot`,
 //!    `pgoutput`): a subscription that creates its slot on its own cluster waits forever.
-//! 2. driftless: two databases, two nodes in this process (`driftless_node::run`) with
+//! 2. pglogical (Debian `postgresql-15-pglogical`) on a private cluster the bench starts for it
+//!    (`benches/pg/pglogical.rs` says why), skipped with a note saying how to install it when the
+//!    extension is missing.
+//! 3. driftless: two databases, two nodes in this process (`driftless_node::run`) with
 //!    PostgreSQL stores, linked over loopback without TLS (`insecure = true`, like native
 //!    replication's connection here, which has no TLS either).
 //!
@@ -42,9 +45,12 @@
 //!
 //! `--rows N`, `--updates U` (or `DRIFTLESS_BENCH_ROWS`, `DRIFTLESS_BENCH_UPDATES`);
 //! `--batch-changes B` and `--window W` set `[sync] batch_changes_max` and `window_batches`;
-//! `--only native` or `--only driftless` runs one setup (no ratios then).
+//! `--only native`, `--only pglogical` or `--only driftless` runs one setup (no ratios then).
 //! `DRIFTLESS_BENCH_LOG_STATEMENTS=1` (profiling) sets `log_min_duration_statement = 0` on every
 //! database the run creates, so the server's log holds each statement with its duration.
+
+#[path = "pg/pglogical.rs"]
+mod pglogical;
 
 use driftless_node::status::PeerStatus;
 use driftless_node::{Config, Listeners, NodeError, NodeStatus};
@@ -80,6 +86,8 @@ const NODE_WORKER_THREADS: usize = 2;
 /// and 200k updates.
 const INSERT_RATIO_TARGET: f64 = 0.6;
 const UPDATE_RATIO_TARGET: f64 = 0.9;
+/// Issue 13: PG→PG sync at least as fast as pglogical, inserts and updates.
+const PGLOGICAL_RATIO_TARGET: f64 = 1.0;
 /// `[sync] compact_interval_ms` and `check_interval_ms`: long enough that no compaction pass or
 /// idle-link digest check lands in a timed window.
 const QUIET_MS: u64 = 3_600_000;
@@ -119,6 +127,7 @@ struct Options {
     batch_changes: Option<usize>,
     window: Option<usize>,
     native: bool,
+    pglogical: bool,
     driftless: bool,
 }
 
@@ -141,6 +150,7 @@ fn options() -> Result<Options> {
         batch_changes: None,
         window: None,
         native: true,
+        pglogical: true,
         driftless: true,
     };
     let mut args = std::env::args().skip(1);
@@ -165,19 +175,24 @@ fn options() -> Result<Options> {
             "--window" => {
                 options.window = Some(parse_count(&text("--window")?, "--window")? as usize)
             }
-            "--only" => match text("--only")?.as_str() {
-                "native" => options.driftless = false,
-                "driftless" => options.native = false,
-                other => {
-                    return Err(format!("--only {other:?}: expected native or driftless").into());
+            "--only" => {
+                let only = text("--only")?;
+                options.native = only == "native";
+                options.pglogical = only == "pglogical";
+                options.driftless = only == "driftless";
+                if !(options.native || options.pglogical || options.driftless) {
+                    return Err(format!(
+                        "--only {only:?}: expected native, pglogical or driftless"
+                    )
+                    .into());
                 }
-            },
+            }
             // cargo passes `--bench` to every bench target.
             "--bench" => {}
             "-h" | "--help" => {
                 println!(
                     "usage: cargo bench -p driftless-node --bench pg -- [--rows N] [--updates U] \
-                     [--batch-changes B] [--window W] [--only native|driftless]\n\
+                     [--batch-changes B] [--window W] [--only native|pglogical|driftless]\n\
                      (env: DRIFTLESS_PG_URL, DRIFTLESS_BENCH_ROWS, DRIFTLESS_BENCH_UPDATES; \
                      defaults {ROWS_DEFAULT}, {UPDATES_DEFAULT}; batch and window default to \
                      the config defaults)"
@@ -199,7 +214,18 @@ fn options() -> Result<Options> {
 // ---------------------------------------------------------------------------------------------
 // The server: databases, publication, slot and subscription, all dropped at the end
 
+/// While set, the server every helper talks to instead of `DRIFTLESS_PG_URL` (the pglogical
+/// setup's private cluster, see `pg/pglogical.rs`).
+static ADMIN_URL_OVERRIDE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 fn admin_url() -> String {
+    if let Some(url) = ADMIN_URL_OVERRIDE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+    {
+        return url;
+    }
     std::env::var("DRIFTLESS_PG_URL")
         .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
 }
@@ -1792,7 +1818,7 @@ fn main() -> Result<()> {
     let mut admin = connect(&admin_url(), PROBE_APP)?;
     let version: String = admin.query_one("SHOW server_version", &[])?.get(0);
     let wal_level: String = admin.query_one("SHOW wal_level", &[])?.get(0);
-    if options.native && wal_level != "logical" {
+    if (options.native || options.pglogical) && wal_level != "logical" {
         return Err(format!(
             "native logical replication needs wal_level = logical (it is {wal_level}): \
              ALTER SYSTEM SET wal_level = logical, then restart the server"
@@ -1825,9 +1851,10 @@ fn main() -> Result<()> {
         options
             .window
             .map_or(String::new(), |w| format!(" --window {w}")),
-        match (options.native, options.driftless) {
-            (true, false) => " --only native",
-            (false, true) => " --only driftless",
+        match (options.native, options.pglogical, options.driftless) {
+            (true, false, false) => " --only native",
+            (false, true, false) => " --only pglogical",
+            (false, false, true) => " --only driftless",
             _ => "",
         }
     );
@@ -1856,6 +1883,17 @@ fn main() -> Result<()> {
     );
     let native = if options.native {
         Some(run_native(&mut server, &options)?)
+    } else {
+        None
+    };
+    let pglogical = if options.pglogical {
+        match pglogical::unavailable(&version)? {
+            None => Some(pglogical::run(&options, &version)?),
+            Some(why) => {
+                eprintln!("pglogical skipped: {why}");
+                None
+            }
+        }
     } else {
         None
     };
@@ -1902,6 +1940,20 @@ fn main() -> Result<()> {
             "   native: sync updates (first write -> marker at subscriber)",
             updates,
             n.updates.total,
+            "rows/s",
+        );
+    }
+    if let Some(p) = &pglogical {
+        table.rate(
+            "1b. pglogical: sync inserts (first write -> subscriber holds all)",
+            rows,
+            p.inserts.total,
+            "rows/s",
+        );
+        table.rate(
+            "    pglogical: sync updates (first write -> marker at subscriber)",
+            updates,
+            p.updates.total,
             "rows/s",
         );
     }
@@ -1953,9 +2005,25 @@ fn main() -> Result<()> {
             None,
         );
     }
+    if let (Some(p), Some(d)) = (&pglogical, &driftless) {
+        table.ratio(
+            "ratio sync inserts, driftless / pglogical",
+            p.inserts.total.as_secs_f64() / d.inserts.total.as_secs_f64(),
+            Some(PGLOGICAL_RATIO_TARGET),
+        );
+        table.ratio(
+            "ratio sync updates, driftless / pglogical",
+            p.updates.total.as_secs_f64() / d.updates.total.as_secs_f64(),
+            Some(PGLOGICAL_RATIO_TARGET),
+        );
+    }
     table.print();
     println!();
-    for (name, setup) in [("1. native", &native), ("2. driftless", &driftless)] {
+    for (name, setup) in [
+        ("1. native", &native),
+        ("1b. pglogical", &pglogical),
+        ("2. driftless", &driftless),
+    ] {
         let Some(setup) = setup else { continue };
         // driftless: every insert is one captured change.
         let insert_changes = setup.update_changes.map(|_| rows);

@@ -20,6 +20,24 @@ impl<C: Clock> PostgresStore<C> {
         body(self).map_err(Error::into_store)
     }
 
+    /// A page of the log: from the in-memory tail when it covers the cursor (a peer close
+    /// behind the head), else from `rows` and the user rows in one snapshot.
+    fn serve(
+        &mut self,
+        after: LogSeq,
+        limit: usize,
+        skip: Option<NodeId>,
+    ) -> Result<LogPage, StoreError> {
+        let limit = limit.clamp(1, driftless_store::LOG_PAGE_ENTRIES_MAX);
+        if self.tail.covers(after) {
+            let head = self.read(|s| s.log_head_impl())?;
+            if let Some(page) = self.tail.page(after, limit, skip, head) {
+                return Ok(page);
+            }
+        }
+        self.read_snapshot(|s| s.read_page(after, limit, skip))
+    }
+
     fn dead_letters_impl(&mut self, limit: usize) -> Result<Vec<DeadLetter>, Error> {
         let sql = format!(
             "SELECT id, tbl, pk, version, from_peer, reason, attempts, at_ms
@@ -173,7 +191,7 @@ impl<C: Clock> Store for PostgresStore<C> {
     }
 
     fn read_log(&mut self, after: LogSeq, limit: usize) -> Result<LogPage, StoreError> {
-        self.read_snapshot(|s| s.read_page(after, limit, None))
+        self.serve(after, limit, None)
     }
 
     fn read_log_for(
@@ -182,7 +200,7 @@ impl<C: Clock> Store for PostgresStore<C> {
         limit: usize,
         peer: NodeId,
     ) -> Result<LogPage, StoreError> {
-        self.read_snapshot(|s| s.read_page(after, limit, Some(peer)))
+        self.serve(after, limit, Some(peer))
     }
 
     fn log_head(&mut self) -> Result<LogSeq, StoreError> {

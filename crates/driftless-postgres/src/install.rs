@@ -206,6 +206,8 @@ impl<C: Clock> PostgresStore<C> {
         }
         self.schemas = schemas;
         self.synced = synced;
+        // (the served changes carry the schema they were made under)
+        self.tail.clear();
         // prepared statements may name columns that changed
         self.statements.clear();
         self.catalog_signature = self.read_catalog_signature()?;

@@ -43,6 +43,7 @@ mod rowio;
 mod schema;
 mod states;
 mod store;
+mod tail;
 mod tx;
 pub mod types;
 mod upgrade;

@@ -14,10 +14,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A state entry as loaded (not changed yet).
-fn fresh(state: RowState, old_hash: Option<i64>, table_row: Option<UserRow>) -> CachedState {
+fn fresh(state: RowState, stored: Option<(i64, i64)>, table_row: Option<UserRow>) -> CachedState {
     CachedState {
         state,
-        old_hash,
+        old_hash: stored.map(|(_, h)| h),
+        seq: stored.map(|(seq, _)| seq),
         dirty: false,
         touched: 0,
         table_row,
@@ -91,7 +92,7 @@ fn flush_sql(ds: &str) -> String {
          generation AS (\
            UPDATE {ds}.meta SET ival = ival + 1 WHERE key = 'fp_gen' AND $15::pg_catalog.bool \
            RETURNING ival) \
-         SELECT (SELECT ival FROM generation)"
+         SELECT (SELECT ival FROM generation), (SELECT base FROM seq_range)"
     )
 }
 
@@ -250,7 +251,10 @@ impl<C: Clock> PostgresStore<C> {
         for (synced, keys) in by_table {
             let refs: Vec<&PrimaryKey> = keys.iter().collect();
             let stored = self.read_stored(&synced, &refs)?;
-            let hashes: Vec<Option<i64>> = stored.iter().map(|s| s.as_ref().map(|s| s.1)).collect();
+            let places: Vec<Option<(i64, i64)>> = stored
+                .iter()
+                .map(|s| s.as_ref().map(|s| (s.0, s.1)))
+                .collect();
             let given: Option<Vec<Result<Option<UserRow>, String>>> = rows.map(|rows| {
                 keys.iter()
                     .map(|k| {
@@ -261,10 +265,10 @@ impl<C: Clock> PostgresStore<C> {
                     .collect()
             });
             let states = self.rebuild_states(&synced, &refs, stored, given.as_deref())?;
-            for ((key, (state, row)), hash) in keys.into_iter().zip(states).zip(hashes) {
+            for ((key, (state, row)), place) in keys.into_iter().zip(states).zip(places) {
                 self.tx
                     .states
-                    .insert((synced.schema.name.clone(), key), fresh(state, hash, row));
+                    .insert((synced.schema.name.clone(), key), fresh(state, place, row));
             }
         }
         Ok(())
@@ -392,16 +396,19 @@ impl<C: Clock> PostgresStore<C> {
             .map(|((t, k), c)| (c.touched, t.clone(), k.clone()))
             .collect();
         dirty.sort_by_key(|(touched, _, _)| *touched);
-        // (new rows, replaced rows) per chunk, in change order
+        // (new rows, replaced rows) per chunk, in change order, and what each adds to the tail
+        // of the log: (row, its changes) by ordinal, and the numbers the rows leave
         let mut chunks: Vec<(StateArrays, StateArrays)> = Vec::new();
+        type Placed = (Vec<((TableName, PrimaryKey), Vec<Change>)>, Vec<u64>);
+        let mut placed: Vec<Placed> = Vec::new();
         for (n, (_, table, key)) in dirty.into_iter().enumerate() {
             let Some(synced) = self.synced(&table) else {
                 continue;
             };
             let id = (table, key);
-            let (state, table_row, old_hash) = {
+            let (state, table_row, old_hash, old_seq) = {
                 let c = &self.tx.states[&id];
-                (c.state.clone(), c.table_row.clone(), c.old_hash)
+                (c.state.clone(), c.table_row.clone(), c.old_hash, c.seq)
             };
             let key = &id.1;
             let meta = self.meta_for(&synced, key, &state, table_row.as_ref())?;
@@ -417,7 +424,14 @@ impl<C: Clock> PostgresStore<C> {
                 .or_insert(0) ^= hash ^ old_hash.unwrap_or(0);
             if n % BULK_ROWS_MAX == 0 {
                 chunks.push(Default::default());
+                placed.push(Default::default());
             }
+            let (served, moved_from) = placed.last_mut().expect("pushed above");
+            served.push((
+                id.clone(),
+                state.to_changes(&id.0, key, synced.schema.fingerprint),
+            ));
+            moved_from.extend(old_seq.map(|s| s as u64));
             let (new_rows, old_rows) = chunks.last_mut().expect("pushed above");
             let ordinal = (new_rows.len() + old_rows.len() + 1) as i64;
             let rows = if old_hash.is_some() {
@@ -453,6 +467,7 @@ impl<C: Clock> PostgresStore<C> {
         }
         let sql = flush_sql(&self.ds);
         let stmt = self.stmt(&sql)?;
+        let mut placed = placed.into_iter();
         for (i, (new_rows, old_rows)) in chunks.iter().enumerate() {
             let bump = states_written && i == 0;
             let count = (new_rows.len() + old_rows.len()) as i64;
@@ -476,6 +491,27 @@ impl<C: Clock> PostgresStore<C> {
                     &bump,
                 ],
             )?;
+            if count > 0 {
+                // rows took base + 1 ..= base + count, in ordinal order
+                let base: i64 = row
+                    .get::<_, Option<i64>>(1)
+                    .ok_or_else(|| StoreError::Corrupt("no sequence range reserved".into()))?;
+                let (served, moved_from) = placed.next().unwrap_or_default();
+                let mut rows = Vec::with_capacity(served.len());
+                for (ordinal, (id, changes)) in served.into_iter().enumerate() {
+                    let seq = base + ordinal as i64 + 1;
+                    if let Some(cached) = self.tx.states.get_mut(&id) {
+                        cached.seq = Some(seq);
+                    }
+                    rows.push((seq as u64, changes));
+                }
+                self.tx.tail.push(crate::tail::TailChunk {
+                    first: base as u64 + 1,
+                    last: (base + count) as u64,
+                    rows,
+                    moved_from,
+                });
+            }
             if bump {
                 match row.get::<_, Option<i64>>(0) {
                     // (a second flush in one transaction keeps the first one's "before")

@@ -179,6 +179,8 @@ pub(crate) struct CachedState {
     pub state: RowState,
     /// Its item hash when loaded (`None`: never seen), to keep bucket fingerprints in step.
     pub old_hash: Option<i64>,
+    /// Its sequence number when loaded or last flushed (`None`: never stored).
+    pub seq: Option<i64>,
     pub dirty: bool,
     /// When it was last changed in this transaction (rows take sequence numbers in this order).
     pub touched: u64,
@@ -194,6 +196,8 @@ pub(crate) struct CachedState {
 pub(crate) struct TxState {
     pub states: HashMap<(TableName, PrimaryKey), CachedState>,
     pub touches: u64,
+    /// What the flushed rows add to the in-memory tail of the log once this commits.
+    pub tail: Vec<crate::tail::TailChunk>,
     pub history: Vec<(TableName, PrimaryKey, Vec<u8>)>,
     /// What flushing changed in the top-level fingerprints, per table (XOR deltas)...
     pub top_deltas: HashMap<TableName, HashMap<usize, i64>>,
@@ -233,6 +237,8 @@ pub struct PostgresStore<C: Clock = SystemClock> {
     pub(crate) tx: TxState,
     /// Node ids interned to small integers for the row metadata (`nodes` table).
     pub(crate) nodes: driftless_store::rowmeta::NodeInterner,
+    /// The rows this process committed last, as served (see `tail.rs`).
+    pub(crate) tail: crate::tail::Tail,
     /// Top-level fingerprints per table, kept up to date by this process's own commits and
     /// rebuilt from `row_states` when `fp_gen` shows that another process wrote (reconcile.rs).
     pub(crate) top_fingerprints: HashMap<TableName, TopFingerprints>,
@@ -367,6 +373,7 @@ impl<C: Clock> PostgresStore<C> {
             dead_letters_present: true,
             tx: TxState::default(),
             nodes: Default::default(),
+            tail: Default::default(),
             top_fingerprints: HashMap::new(),
             hlc_saved: 0,
             tx_retries: 0,

@@ -108,6 +108,7 @@ impl<C: Clock> PostgresStore<C> {
                 match commit {
                     Ok(()) => {
                         self.committed_fingerprints();
+                        self.tail.committed(std::mem::take(&mut self.tx.tail));
                         Ok(value)
                     }
                     Err(e) => {

@@ -946,3 +946,93 @@ fn fingerprints_kept_in_memory_follow_own_writes_and_notice_another_process() {
         fresh_tops(&db, &clock)
     );
 }
+
+#[test]
+fn the_in_memory_tail_serves_exactly_what_the_stored_rows_would() {
+    let Some(dbs) = databases("tail", 2) else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let (mut a, mut ca) = open(&dbs[0], 1, &clock, DDL);
+    // inserts, updates that move rows to the head, a delete, and a remote change applied here
+    // (relayed with its own origin)
+    for sql in [
+        "INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 40) AS g",
+        "UPDATE items SET qty = qty + 100 WHERE id % 3 = 0",
+        "DELETE FROM items WHERE id = 7",
+        "UPDATE items SET name = 'again' WHERE id = 9",
+    ] {
+        ca.batch_execute(sql).unwrap();
+        clock.advance(1);
+        a.capture(1_000).unwrap();
+    }
+    let (mut b, mut cb) = open(&dbs[1], 2, &clock, DDL);
+    cb.batch_execute("INSERT INTO items VALUES (500, 'from b', 5)")
+        .unwrap();
+    let from_b = b.capture(10).unwrap().changes;
+    a.apply_batch(NodeId::new(2), &from_b, LogSeq(1)).unwrap();
+    // a second store on the same database has no tail: it reads the stored rows
+    let (mut fresh, _) = open(&dbs[0], 1, &clock, DDL);
+    let head = a.log_head().unwrap();
+    assert_eq!(fresh.log_head().unwrap(), head);
+    for after in 0..=head.0 {
+        for limit in [1, 4, 1_000] {
+            let cursor = LogSeq(after);
+            assert_eq!(
+                a.read_log(cursor, limit).unwrap(),
+                fresh.read_log(cursor, limit).unwrap(),
+                "after {after}, limit {limit}"
+            );
+            assert_eq!(
+                a.read_log_for(cursor, limit, NodeId::new(2)).unwrap(),
+                fresh.read_log_for(cursor, limit, NodeId::new(2)).unwrap(),
+                "for b: after {after}, limit {limit}"
+            );
+        }
+    }
+    // the other store's write restarts the tail: what it wrote is served from the rows
+    drop(fresh);
+    let (mut other, mut co) = open(&dbs[0], 1, &clock, DDL);
+    co.batch_execute("UPDATE items SET qty = -1 WHERE id = 1")
+        .unwrap();
+    clock.advance(1);
+    other.capture(10).unwrap();
+    // read through to the head: `a`'s tail may serve row 1's state from before the other
+    // store moved it (a state it really had) and then its new place from the stored rows; the
+    // rows a peer ends with are the same
+    let read_all = |store: &mut PostgresStore<ManualClock>| {
+        let mut changes = Vec::new();
+        let mut cursor = LogSeq(0);
+        loop {
+            let page = store.read_log(cursor, 7).unwrap();
+            changes.extend(page.entries.into_iter().map(|e| e.change));
+            if page.next == page.head {
+                break changes;
+            }
+            assert!(page.next > cursor, "no progress at {cursor}");
+            cursor = page.next;
+        }
+    };
+    let fold = |changes: &[driftless_core::Change]| {
+        let rules = driftless_core::TableRules::new();
+        let mut states: std::collections::BTreeMap<PrimaryKey, driftless_core::RowState> =
+            Default::default();
+        for c in changes {
+            states
+                .entry(c.key.clone())
+                .or_default()
+                .apply(c, &rules)
+                .unwrap();
+        }
+        states
+    };
+    let all = read_all(&mut a);
+    let all_fresh = read_all(&mut other);
+    assert_eq!(fold(&all), fold(&all_fresh));
+    assert!(
+        all.iter()
+            .any(|c| c.key == PrimaryKey::integer(1)
+                && c.cells().iter().any(|w| w.value == (-1).into())),
+        "{all:?}"
+    );
+}

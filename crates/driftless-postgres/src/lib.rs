@@ -43,7 +43,6 @@ mod rowio;
 mod schema;
 mod states;
 mod store;
-mod tail;
 mod tx;
 pub mod types;
 mod upgrade;

@@ -505,7 +505,7 @@ impl<C: Clock> PostgresStore<C> {
                     }
                     rows.push((seq as u64, changes));
                 }
-                self.tx.tail.push(crate::tail::TailChunk {
+                self.tx.tail.push(driftless_store::tail::TailChunk {
                     first: base as u64 + 1,
                     last: (base + count) as u64,
                     rows,

@@ -197,7 +197,7 @@ pub(crate) struct TxState {
     pub states: HashMap<(TableName, PrimaryKey), CachedState>,
     pub touches: u64,
     /// What the flushed rows add to the in-memory tail of the log once this commits.
-    pub tail: Vec<crate::tail::TailChunk>,
+    pub tail: Vec<driftless_store::tail::TailChunk>,
     pub history: Vec<(TableName, PrimaryKey, Vec<u8>)>,
     /// What flushing changed in the top-level fingerprints, per table (XOR deltas)...
     pub top_deltas: HashMap<TableName, HashMap<usize, i64>>,
@@ -238,7 +238,7 @@ pub struct PostgresStore<C: Clock = SystemClock> {
     /// Node ids interned to small integers for the row metadata (`nodes` table).
     pub(crate) nodes: driftless_store::rowmeta::NodeInterner,
     /// The rows this process committed last, as served (see `tail.rs`).
-    pub(crate) tail: crate::tail::Tail,
+    pub(crate) tail: driftless_store::tail::Tail,
     /// Top-level fingerprints per table, kept up to date by this process's own commits and
     /// rebuilt from `row_states` when `fp_gen` shows that another process wrote (reconcile.rs).
     pub(crate) top_fingerprints: HashMap<TableName, TopFingerprints>,

@@ -27,8 +27,7 @@ impl<C: Clock> SqliteStore<C> {
         after: LogSeq,
         limit: usize,
     ) -> Result<LogPage, StoreError> {
-        let limit = limit.clamp(1, LOG_PAGE_ENTRIES_MAX);
-        self.read_tx(|store| store.read_page(after, limit, None))
+        self.serve(after, limit, None)
     }
 
     /// [`Self::read_log_impl`] without `peer`'s own changes; a row holding only those is
@@ -39,8 +38,25 @@ impl<C: Clock> SqliteStore<C> {
         limit: usize,
         peer: NodeId,
     ) -> Result<LogPage, StoreError> {
+        self.serve(after, limit, Some(peer))
+    }
+
+    /// A page from the in-memory tail when it covers the cursor (a peer close behind the head),
+    /// else from the stored rows in one read transaction.
+    fn serve(
+        &mut self,
+        after: LogSeq,
+        limit: usize,
+        skip: Option<NodeId>,
+    ) -> Result<LogPage, StoreError> {
         let limit = limit.clamp(1, LOG_PAGE_ENTRIES_MAX);
-        self.read_tx(|store| store.read_page(after, limit, Some(peer)))
+        if self.tail.covers(after) {
+            let head = self.log_head_impl()?;
+            if let Some(page) = self.tail.page(after, limit, skip, head) {
+                return Ok(page);
+            }
+        }
+        self.read_tx(|store| store.read_page(after, limit, skip))
     }
 
     fn read_page(

@@ -70,6 +70,10 @@ pub struct SqliteStore<C: Clock = SystemClock> {
     pub(crate) nodes: driftless_store::rowmeta::NodeInterner,
     /// Inside a write transaction: the sequence number the next changed row state takes.
     pub(crate) next_seq: i64,
+    /// Inside a write transaction: what its saved rows add to the tail once it commits.
+    pub(crate) tail_staged: driftless_store::tail::TailChunk,
+    /// The rows this process committed last, as served (`driftless_store::tail`).
+    pub(crate) tail: driftless_store::tail::Tail,
     /// Capture records up to this one may carry a changed-columns mask made by triggers over
     /// an older column list (a schema change reinstalled them): stamping also counts columns
     /// the row has no cell for yet (see `capture::Recorded::new_columns`). 0 when every
@@ -157,6 +161,8 @@ impl<C: Clock> SqliteStore<C> {
             pending_done: 0,
             nodes: Default::default(),
             next_seq: 1,
+            tail_staged: Default::default(),
+            tail: Default::default(),
             masks_untrusted_through: 0,
             dead_letters_present: true,
             fingerprint_deltas: std::collections::HashMap::new(),
@@ -312,6 +318,8 @@ impl<C: Clock> SqliteStore<C> {
             schemas.push(schema);
         }
         self.schemas = schemas;
+        // (the served changes carry the schema they were made under)
+        self.tail.clear();
         self.synced = synced;
         self.schema_version = self.read_schema_version()?;
         Ok(())
@@ -340,6 +348,10 @@ impl<C: Clock> SqliteStore<C> {
                 .map_err(db)?;
             self.pending_done = 0;
             self.next_seq = self.head_seq()? + 1;
+            self.tail_staged = driftless_store::tail::TailChunk {
+                first: self.next_seq as u64,
+                ..Default::default()
+            };
             self.fingerprint_deltas.clear();
             self.dead_letters_present = self
                 .conn
@@ -370,12 +382,18 @@ impl<C: Clock> SqliteStore<C> {
             }
             self.conn.execute_batch("COMMIT").map_err(db)?;
             self.hlc_stored = hlc;
+            let mut staged = std::mem::take(&mut self.tail_staged);
+            if !staged.rows.is_empty() {
+                staged.last = self.next_seq as u64 - 1;
+                self.tail.committed(vec![staged]);
+            }
             Ok(value)
         })();
         if result.is_err() {
             // Best effort: the transaction may already be gone if COMMIT itself failed.
             let _ = self.conn.execute_batch("ROLLBACK");
             self.nodes.roll_back();
+            self.tail_staged = Default::default();
             self.masks_untrusted_through = meta::get_i64(&self.conn, "masks_untrusted_through")
                 .ok()
                 .flatten()
@@ -429,6 +447,13 @@ impl<C: Clock> SqliteStore<C> {
         self.next_seq += 1;
         let (top, delta) =
             crate::rowio::save_state(&self.conn, synced, key, loaded, state, seq, &mut self.nodes)?;
+        self.tail_staged.rows.push((
+            seq as u64,
+            state.to_changes(&synced.schema.name, key, synced.schema.fingerprint),
+        ));
+        if let Some((old_seq, _)) = loaded.stored {
+            self.tail_staged.moved_from.push(old_seq as u64);
+        }
         *self
             .fingerprint_deltas
             .entry((synced.schema.name.to_string(), top))

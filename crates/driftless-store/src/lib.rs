@@ -10,6 +10,7 @@ pub mod digest;
 pub mod fingerprint;
 pub mod ledger;
 pub mod rowmeta;
+pub mod tail;
 mod types;
 
 pub use clock::{SystemClock, random_node_id, random_u64, set_clock_skew_ms};

@@ -1,6 +1,7 @@
-//! The tail of the log in memory: the rows this process committed last, as the changes a peer
-//! is sent, so a peer streaming close behind the head is served without reading `rows` and the
-//! user rows again (and without waiting for a backlog of local writes to be stamped first).
+//! The tail of the log in memory, for every adapter on storage format 2: the rows this process
+//! committed last, as the changes a peer is sent, so a peer streaming close behind the head is
+//! served without reading the stored rows and the user rows again (and without waiting for a
+//! backlog of local writes to be stamped first).
 //!
 //! Invariant: for every sequence number `s` in `[lo, hi]`, if this process committed a row at
 //! `s`, that row's changes are in `rows` unless the row has since moved to a higher number (a
@@ -8,12 +9,14 @@
 //! A left-over entry is a state the row really had, so serving it is like a peer having read
 //! that page before the row moved: the merge is a join, the row's newer state follows at its
 //! new place. Numbers in `[lo, hi]` never belong to another process's rows: writers are
-//! serialized and draw from one sequence, so when a commit's numbers do not start at `hi + 1`
-//! (someone else wrote, or a transaction rolled back after drawing numbers) the tail restarts.
+//! serialized and number their rows above the head (PostgreSQL from a sequence, so a rolled-back
+//! transaction leaves a gap; SQLite from the highest stored number, so the next transaction
+//! takes those numbers again), and when a commit's numbers do not start at `hi + 1` (someone
+//! else wrote, or a gap) the tail restarts.
 //! Updated only after COMMIT succeeds; bounded by [`TAIL_ROWS_MAX`].
 
+use crate::{LogEntry, LogPage, LogSeq};
 use driftless_core::{Change, NodeId};
-use driftless_store::{LogEntry, LogPage, LogSeq};
 use std::collections::BTreeMap;
 
 /// Most rows kept (each holds its row's changes, about the row's size plus its versions).
@@ -22,7 +25,7 @@ pub const TAIL_ROWS_MAX: usize = 20_000;
 /// What one flushed chunk adds to the tail: its numbers `first..=last`, its rows' changes and
 /// the numbers the rows had before.
 #[derive(Debug, Default)]
-pub(crate) struct TailChunk {
+pub struct TailChunk {
     pub first: u64,
     pub last: u64,
     pub rows: Vec<(u64, Vec<Change>)>,
@@ -30,7 +33,7 @@ pub(crate) struct TailChunk {
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct Tail {
+pub struct Tail {
     /// `(lo, hi)`, `None` until this process commits rows.
     range: Option<(u64, u64)>,
     rows: BTreeMap<u64, Vec<Change>>,

@@ -511,6 +511,14 @@ impl<C: Clock> PostgresStore<C> {
                     rows,
                     moved_from,
                 });
+                // a transaction that wrote more than the tail holds leaves only its newest
+                // chunks (the next one then does not follow on, so the tail restarts there)
+                while self.tx.tail.iter().map(|c| c.rows.len()).sum::<usize>()
+                    > driftless_store::tail::TAIL_ROWS_MAX
+                    && self.tx.tail.len() > 1
+                {
+                    self.tx.tail.remove(0);
+                }
             }
             if bump {
                 match row.get::<_, Option<i64>>(0) {

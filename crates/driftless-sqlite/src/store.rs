@@ -425,6 +425,14 @@ impl<C: Clock> SqliteStore<C> {
             other => {
                 let _ = self.conn.execute_batch("COMMIT");
                 other?;
+                // A backlog is stamped in bounded transactions first (each commits as it goes,
+                // so a peer's apply overlaps the rest); what arrives meanwhile is stamped with
+                // the read.
+                while self.write_tx(|store| {
+                    let mut captured = driftless_store::CaptureReport::default();
+                    store.capture_in_tx(driftless_store::CAPTURE_BATCH_ROWS_MAX, &mut captured)
+                })? == driftless_store::CAPTURE_BATCH_ROWS_MAX
+                {}
                 self.write_tx(|store| {
                     let mut captured = driftless_store::CaptureReport::default();
                     store.capture_all_in_tx(&mut captured)?;
@@ -447,10 +455,10 @@ impl<C: Clock> SqliteStore<C> {
         self.next_seq += 1;
         let (top, delta) =
             crate::rowio::save_state(&self.conn, synced, key, loaded, state, seq, &mut self.nodes)?;
-        self.tail_staged.rows.push((
+        self.tail_staged.push(
             seq as u64,
             state.to_changes(&synced.schema.name, key, synced.schema.fingerprint),
-        ));
+        );
         if let Some((old_seq, _)) = loaded.stored {
             self.tail_staged.moved_from.push(old_seq as u64);
         }

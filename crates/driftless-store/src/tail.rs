@@ -32,6 +32,21 @@ pub struct TailChunk {
     pub moved_from: Vec<u64>,
 }
 
+impl TailChunk {
+    /// Adds a row (numbers in increasing order). A chunk keeps at most [`TAIL_ROWS_MAX`] rows:
+    /// past that its older half goes and its range starts after them, so folding it in restarts
+    /// the tail there (a transaction that wrote that much leaves only its newest rows behind).
+    pub fn push(&mut self, seq: u64, changes: Vec<Change>) {
+        self.rows.push((seq, changes));
+        if self.rows.len() > TAIL_ROWS_MAX {
+            let dropped: Vec<_> = self.rows.drain(..TAIL_ROWS_MAX / 2).collect();
+            if let Some((last, _)) = dropped.last() {
+                self.first = last + 1;
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Tail {
     /// `(lo, hi)`, `None` until this process commits rows.
@@ -194,6 +209,28 @@ mod tests {
             .unwrap();
         assert!(page.entries.is_empty());
         assert_eq!(page.next, LogSeq(10));
+    }
+
+    #[test]
+    fn a_transaction_larger_than_the_tail_leaves_its_newest_rows_and_restarts_it() {
+        let mut tail = Tail::default();
+        tail.committed(vec![chunk(1, &[(1, 1)], &[])]);
+        let mut big = TailChunk {
+            first: 2,
+            ..TailChunk::default()
+        };
+        for seq in 2..(TAIL_ROWS_MAX as u64 + 10) {
+            big.push(seq, vec![change(seq as i64, 1)]);
+        }
+        assert!(big.rows.len() <= TAIL_ROWS_MAX);
+        big.last = TAIL_ROWS_MAX as u64 + 9;
+        let first = big.first;
+        assert!(first > 2);
+        tail.committed(vec![big]);
+        // what was before the big transaction, and its dropped rows, come from the stored rows
+        assert!(!tail.covers(LogSeq(0)));
+        assert!(!tail.covers(LogSeq(first - 2)));
+        assert!(tail.covers(LogSeq(first - 1)));
     }
 
     #[test]

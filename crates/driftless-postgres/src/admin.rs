@@ -29,13 +29,34 @@ impl<C: Clock> PostgresStore<C> {
         skip: Option<NodeId>,
     ) -> Result<LogPage, StoreError> {
         let limit = limit.clamp(1, driftless_store::LOG_PAGE_ENTRIES_MAX);
-        if self.tail.covers(after) {
-            let head = self.read(|s| s.log_head_impl())?;
-            if let Some(page) = self.tail.page(after, limit, skip, head) {
-                return Ok(page);
+        loop {
+            if self.tail.covers(after) {
+                let head = self.read(|s| s.log_head_impl())?;
+                if let Some(page) = self.tail.page(after, limit, skip, head) {
+                    return Ok(page);
+                }
+            }
+            // A backlog of local writes: stamp one bounded round, whose rows join the tail, and
+            // look again, so a peer at the head is sent the first rows without waiting for the
+            // whole backlog.
+            let sql = format!("SELECT EXISTS (SELECT 1 FROM {}.pending)", self.ds);
+            let waiting: bool = self.read(|s| {
+                let stmt = s.stmt(&sql)?;
+                Ok(s.client.query_one(&stmt, &[])?.get(0))
+            })?;
+            let stamped = if waiting {
+                self.write_tx(|store| {
+                    let mut captured = CaptureReport::default();
+                    store.capture_in_tx(driftless_store::CAPTURE_BATCH_ROWS_MAX, &mut captured)
+                })?
+            } else {
+                0
+            };
+            self.vacuum_pending_if_due(stamped < driftless_store::CAPTURE_BATCH_ROWS_MAX);
+            if stamped == 0 {
+                return self.read_snapshot(|s| s.read_page(after, limit, skip));
             }
         }
-        self.read_snapshot(|s| s.read_page(after, limit, skip))
     }
 
     fn dead_letters_impl(&mut self, limit: usize) -> Result<Vec<DeadLetter>, Error> {

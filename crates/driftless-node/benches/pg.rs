@@ -1763,6 +1763,26 @@ fn run_driftless(server: &mut Server, options: &Options) -> Result<Setup> {
     let update_changes = origin.metric("changes_captured")? - captured_base;
     eprintln!("driftless updates done; comparing");
     let mut details = vec![compare(&origin_url, &destination_url)?];
+    // one writer: nothing is concurrent, so any conflict recorded is a bug to look at
+    for (name, url) in [("origin", &origin_url), ("destination", &destination_url)] {
+        let mut probe = connect(url, PROBE_APP)?;
+        let n: i64 = probe
+            .query_one("SELECT count(*) FROM driftless.conflicts", &[])?
+            .get(0);
+        let sample: Vec<String> = probe
+            .query(
+                "SELECT tbl || ' ' || encode(pk, 'hex') || ' ' || col || ' ' || rule || ' winner ' \
+                 || encode(winner_version, 'hex') || ' loser ' || encode(loser_version, 'hex') \
+                 FROM driftless.conflicts ORDER BY id LIMIT 3",
+                &[],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        details.push(format!(
+            "conflicts recorded at the {name} (one writer: expected 0): {n} {sample:?}"
+        ));
+    }
     details.extend(sizes);
     details.push("inserts, node counters:".into());
     details.extend(counter_lines(&before, &after_inserts));

@@ -29,8 +29,10 @@ use std::sync::Arc;
 /// the low or high end (`commit_token`, polled every millisecond, and the next round's
 /// `ORDER BY seq`) walks over all of them: after a backlog of 300,000 records a `commit_token`
 /// took about 1 ms instead of 0.1 ms, and it grows with the backlog. autovacuum may be off or
-/// late, so stamping vacuums `pending` itself once it has deleted this many records...
-pub(crate) const PENDING_VACUUM_AFTER: u64 = 10_000;
+/// late, so stamping vacuums `pending` itself once it has deleted this many records while a
+/// backlog remains (a vacuum scans the whole table, backlog included: every 10,000 records of a
+/// 1M-record backlog, that was most of the origin's time, 57 s of 80 s in the bench)...
+pub(crate) const PENDING_VACUUM_AFTER: u64 = 200_000;
 /// ... or this many when a round found no more records (the poller is caught up and will keep
 /// reading both ends of an otherwise empty index). Vacuuming a few thousand dead records
 /// takes about a millisecond.
@@ -72,6 +74,10 @@ impl<C: Clock> PostgresStore<C> {
         report: &mut CaptureReport,
     ) -> Result<usize, Error> {
         let pending = self.read_pending(limit)?;
+        // Every record visible in this transaction's snapshot stamped? Only then do the states
+        // it writes hold no value of a write still waiting (a state is rebuilt from the row as
+        // it is now, which a later record of the same row may already have changed).
+        self.tx.drained = pending.len() < limit;
         if pending.is_empty() {
             return Ok(0);
         }

@@ -196,8 +196,12 @@ pub(crate) struct CachedState {
 pub(crate) struct TxState {
     pub states: HashMap<(TableName, PrimaryKey), CachedState>,
     pub touches: u64,
-    /// What the flushed rows add to the in-memory tail of the log once this commits.
+    /// What the flushed rows add to the in-memory tail of the log once this commits...
     pub tail: Vec<driftless_store::tail::TailChunk>,
+    /// ... if by then every local write visible to this transaction was stamped (see
+    /// `capture_in_tx`); otherwise a state may show a waiting write's value with an older
+    /// version, which must never be served (the stored rows are only read once nothing waits).
+    pub drained: bool,
     pub history: Vec<(TableName, PrimaryKey, Vec<u8>)>,
     /// What flushing changed in the top-level fingerprints, per table (XOR deltas)...
     pub top_deltas: HashMap<TableName, HashMap<usize, i64>>,

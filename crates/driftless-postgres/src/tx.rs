@@ -108,7 +108,10 @@ impl<C: Clock> PostgresStore<C> {
                 match commit {
                     Ok(()) => {
                         self.committed_fingerprints();
-                        self.tail.committed(std::mem::take(&mut self.tx.tail));
+                        let chunks = std::mem::take(&mut self.tx.tail);
+                        if self.tx.drained {
+                            self.tail.committed(chunks);
+                        }
                         Ok(value)
                     }
                     Err(e) => {

@@ -48,6 +48,10 @@ impl<C: Clock> SqliteStore<C> {
         report: &mut CaptureReport,
     ) -> Result<usize, StoreError> {
         let pending = self.read_pending(limit)?;
+        // Every record this transaction may stamp stamped? Only then do the states it writes
+        // hold no value of a write still waiting (a state is rebuilt from the row as it is
+        // now, which a later record of the same row may already have changed).
+        self.tail_drained = pending.len() < limit;
         let Some(last) = pending.last().map(|p| p.seq) else {
             return Ok(0);
         };

@@ -74,6 +74,10 @@ pub struct SqliteStore<C: Clock = SystemClock> {
     pub(crate) tail_staged: driftless_store::tail::TailChunk,
     /// The rows this process committed last, as served (`driftless_store::tail`).
     pub(crate) tail: driftless_store::tail::Tail,
+    /// Inside a write transaction: whether every capture record it may stamp was stamped; only
+    /// then are its rows added to the tail (a state rebuilt from the row as it is now may show
+    /// a waiting write's value with an older version, which must never be served).
+    pub(crate) tail_drained: bool,
     /// Capture records up to this one may carry a changed-columns mask made by triggers over
     /// an older column list (a schema change reinstalled them): stamping also counts columns
     /// the row has no cell for yet (see `capture::Recorded::new_columns`). 0 when every
@@ -163,6 +167,7 @@ impl<C: Clock> SqliteStore<C> {
             next_seq: 1,
             tail_staged: Default::default(),
             tail: Default::default(),
+            tail_drained: false,
             masks_untrusted_through: 0,
             dead_letters_present: true,
             fingerprint_deltas: std::collections::HashMap::new(),
@@ -352,6 +357,7 @@ impl<C: Clock> SqliteStore<C> {
                 first: self.next_seq as u64,
                 ..Default::default()
             };
+            self.tail_drained = false;
             self.fingerprint_deltas.clear();
             self.dead_letters_present = self
                 .conn
@@ -383,7 +389,7 @@ impl<C: Clock> SqliteStore<C> {
             self.conn.execute_batch("COMMIT").map_err(db)?;
             self.hlc_stored = hlc;
             let mut staged = std::mem::take(&mut self.tail_staged);
-            if !staged.rows.is_empty() {
+            if self.tail_drained && !staged.rows.is_empty() {
                 staged.last = self.next_seq as u64 - 1;
                 self.tail.committed(vec![staged]);
             }

@@ -13,7 +13,9 @@
 //! transaction leaves a gap; SQLite from the highest stored number, so the next transaction
 //! takes those numbers again), and when a commit's numbers do not start at `hi + 1` (someone
 //! else wrote, or a gap) the tail restarts.
-//! Updated only after COMMIT succeeds; bounded by [`TAIL_ROWS_MAX`].
+//! Updated only after COMMIT succeeds, and only by a transaction that stamped every local
+//! write visible to it (otherwise a state rebuilt from the user's row may show a waiting
+//! write's value under an older version); bounded by [`TAIL_ROWS_MAX`].
 
 use crate::{LogEntry, LogPage, LogSeq};
 use driftless_core::{Change, NodeId};

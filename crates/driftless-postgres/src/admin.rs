@@ -29,22 +29,24 @@ impl<C: Clock> PostgresStore<C> {
         skip: Option<NodeId>,
     ) -> Result<LogPage, StoreError> {
         let limit = limit.clamp(1, driftless_store::LOG_PAGE_ENTRIES_MAX);
-        loop {
+        let mut drained = false;
+        for round in 0.. {
             if self.tail.covers(after) {
                 let head = self.read(|s| s.log_head_impl())?;
                 if let Some(page) = self.tail.page(after, limit, skip, head) {
                     return Ok(page);
                 }
             }
-            // A backlog of local writes: stamp one bounded round, whose rows join the tail, and
-            // look again, so a peer at the head is sent the first rows without waiting for the
-            // whole backlog.
+            // A backlog of local writes: stamp it in bounded rounds. The round that stamps the
+            // last of it adds its rows to the tail (earlier ones cannot: their states may show
+            // a later write's value, see `capture_in_tx`), so a peer at the head is then
+            // served from memory.
             let sql = format!("SELECT EXISTS (SELECT 1 FROM {}.pending)", self.ds);
             let waiting: bool = self.read(|s| {
                 let stmt = s.stmt(&sql)?;
                 Ok(s.client.query_one(&stmt, &[])?.get(0))
             })?;
-            let stamped = if waiting {
+            let stamped = if waiting && round < driftless_store::BACKLOG_ROUNDS_MAX && !drained {
                 self.write_tx(|store| {
                     let mut captured = CaptureReport::default();
                     store.capture_in_tx(driftless_store::CAPTURE_BATCH_ROWS_MAX, &mut captured)
@@ -54,9 +56,13 @@ impl<C: Clock> PostgresStore<C> {
             };
             self.vacuum_pending_if_due(stamped < driftless_store::CAPTURE_BATCH_ROWS_MAX);
             if stamped == 0 {
-                return self.read_snapshot(|s| s.read_page(after, limit, skip));
+                break;
             }
+            // (a round short of the limit stamped everything there was: one more look at the
+            // tail, then the stored rows; clients still writing cannot hold the read back)
+            drained = stamped < driftless_store::CAPTURE_BATCH_ROWS_MAX;
         }
+        self.read_snapshot(|s| s.read_page(after, limit, skip))
     }
 
     fn dead_letters_impl(&mut self, limit: usize) -> Result<Vec<DeadLetter>, Error> {

@@ -157,11 +157,15 @@ impl<C: Clock> PostgresStore<C> {
                 other.map_err(Error::into_store)?;
                 // A backlog is stamped in bounded transactions first (memory stays bounded, and
                 // each commits as it goes); what arrives meanwhile is stamped with the read.
-                while self.write_tx(|store| {
-                    let mut captured = driftless_store::CaptureReport::default();
-                    store.capture_in_tx(driftless_store::CAPTURE_BATCH_ROWS_MAX, &mut captured)
-                })? == driftless_store::CAPTURE_BATCH_ROWS_MAX
-                {}
+                for _ in 0..driftless_store::BACKLOG_ROUNDS_MAX {
+                    let stamped = self.write_tx(|store| {
+                        let mut captured = driftless_store::CaptureReport::default();
+                        store.capture_in_tx(driftless_store::CAPTURE_BATCH_ROWS_MAX, &mut captured)
+                    })?;
+                    if stamped < driftless_store::CAPTURE_BATCH_ROWS_MAX {
+                        break;
+                    }
+                }
                 self.write_tx(|store| {
                     let mut captured = driftless_store::CaptureReport::default();
                     store.capture_all_in_tx(&mut captured)?;

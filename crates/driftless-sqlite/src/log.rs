@@ -50,30 +50,35 @@ impl<C: Clock> SqliteStore<C> {
         skip: Option<NodeId>,
     ) -> Result<LogPage, StoreError> {
         let limit = limit.clamp(1, LOG_PAGE_ENTRIES_MAX);
-        loop {
+        let mut drained = false;
+        for round in 0.. {
             if self.tail.covers(after) {
                 let head = self.log_head_impl()?;
                 if let Some(page) = self.tail.page(after, limit, skip, head) {
                     return Ok(page);
                 }
             }
-            // A backlog of local writes: stamp one bounded round, whose rows join the tail, and
-            // look again, so a peer at the head is sent the first rows without waiting for the
-            // whole backlog.
+            // A backlog of local writes: stamp it in bounded rounds. The round that stamps the
+            // last of it adds its rows to the tail (earlier ones cannot: their states may show
+            // a later write's value, see `capture_in_tx`), so a peer at the head is then
+            // served from memory.
             let waiting: bool = self
                 .conn
                 .prepare_cached("SELECT EXISTS (SELECT 1 FROM _driftless_pending)")
                 .and_then(|mut s| s.query_row([], |r| r.get(0)))
                 .map_err(db)?;
-            if !waiting
-                || self.write_tx(|store| {
-                    let mut captured = driftless_store::CaptureReport::default();
-                    store.capture_in_tx(driftless_store::CAPTURE_BATCH_ROWS_MAX, &mut captured)
-                })? == 0
-            {
-                return self.read_tx(|store| store.read_page(after, limit, skip));
+            if !waiting || round >= driftless_store::BACKLOG_ROUNDS_MAX || drained {
+                break;
             }
+            let stamped = self.write_tx(|store| {
+                let mut captured = driftless_store::CaptureReport::default();
+                store.capture_in_tx(driftless_store::CAPTURE_BATCH_ROWS_MAX, &mut captured)
+            })?;
+            // (a round short of the limit stamped everything there was: one more look at the
+            // tail, then the stored rows; clients still writing cannot hold the read back)
+            drained = stamped < driftless_store::CAPTURE_BATCH_ROWS_MAX;
         }
+        self.read_tx(|store| store.read_page(after, limit, skip))
     }
 
     fn read_page(

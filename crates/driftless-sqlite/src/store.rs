@@ -434,11 +434,15 @@ impl<C: Clock> SqliteStore<C> {
                 // A backlog is stamped in bounded transactions first (each commits as it goes,
                 // so a peer's apply overlaps the rest); what arrives meanwhile is stamped with
                 // the read.
-                while self.write_tx(|store| {
-                    let mut captured = driftless_store::CaptureReport::default();
-                    store.capture_in_tx(driftless_store::CAPTURE_BATCH_ROWS_MAX, &mut captured)
-                })? == driftless_store::CAPTURE_BATCH_ROWS_MAX
-                {}
+                for _ in 0..driftless_store::BACKLOG_ROUNDS_MAX {
+                    let stamped = self.write_tx(|store| {
+                        let mut captured = driftless_store::CaptureReport::default();
+                        store.capture_in_tx(driftless_store::CAPTURE_BATCH_ROWS_MAX, &mut captured)
+                    })?;
+                    if stamped < driftless_store::CAPTURE_BATCH_ROWS_MAX {
+                        break;
+                    }
+                }
                 self.write_tx(|store| {
                     let mut captured = driftless_store::CaptureReport::default();
                     store.capture_all_in_tx(&mut captured)?;

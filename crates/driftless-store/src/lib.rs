@@ -21,6 +21,10 @@ use driftless_core::{Change, NodeId, PrimaryKey, TableName};
 /// Most local writes stamped in one capture transaction. Bounds the transaction's memory and the
 /// time the store's write lock is held; the caller loops while more are pending.
 pub const CAPTURE_BATCH_ROWS_MAX: usize = 10_000;
+/// Most bounded capture transactions a log read runs before it stamps the rest in its own
+/// transaction (bounded by that transaction's snapshot): clients writing faster than stamping
+/// must not keep a read from ever being served.
+pub const BACKLOG_ROUNDS_MAX: usize = 1_000;
 /// Most entries one log page may hold.
 pub const LOG_PAGE_ENTRIES_MAX: usize = 10_000;
 /// Most changes one applied batch may hold.

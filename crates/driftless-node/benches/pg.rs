@@ -1565,8 +1565,57 @@ fn compare(origin: &str, destination: &str) -> Result<String> {
     ))
 }
 
-fn run_native(server: &mut Server, options: &Options) -> Result<Setup> {
+/// The inserts and updates phases of a logical-replication setup (native or pglogical): the
+/// writer on `origin`, completion seen at `other`, progress from the slot's confirmed position
+/// (`slot_lsn_sql`). Returns both phases and the other end's sizes after the inserts.
+fn logical_phases(
+    name: &str,
+    options: &Options,
+    groups: &Groups,
+    origin: (&str, &str),
+    other: (&str, &str),
+    slot_lsn_sql: &str,
+) -> Result<(Phase, Phase, String)> {
     let (rows, updates) = (options.rows, options.updates);
+    let (origin_role, origin_url) = origin;
+    let (other_role, other_url) = other;
+    let mut admin = connect(&admin_url(), PROBE_APP)?;
+    let inserts = run_phase(
+        &format!("{name} inserts"),
+        origin_url,
+        groups,
+        [(origin_role, origin_url), (other_role, other_url)],
+        rows,
+        move |c, start, w| insert_rows(c, rows, start, w),
+        insert_probes(
+            other_url,
+            rows,
+            None,
+            Box::new(|| query_u64(&mut admin, slot_lsn_sql)),
+        )?,
+    )?;
+    let sizes = sizes_line(&format!("{other_role} after the inserts"), other_url)?;
+    eprintln!("{name} inserts done");
+    let mut admin = connect(&admin_url(), PROBE_APP)?;
+    let mut probe = connect(other_url, PROBE_APP)?;
+    let updates_phase = run_phase(
+        &format!("{name} updates"),
+        origin_url,
+        groups,
+        [(origin_role, origin_url), (other_role, other_url)],
+        updates + 1,
+        move |c, start, w| update_rows(c, rows, updates, true, start, w),
+        Probes {
+            captured: None,
+            applied: None,
+            moving: Box::new(|| query_u64(&mut admin, slot_lsn_sql)),
+            complete: Box::new(|_| marker_done(&mut probe)),
+        },
+    )?;
+    Ok((inserts, updates_phase, sizes))
+}
+
+fn run_native(server: &mut Server, options: &Options) -> Result<Setup> {
     let publisher = server.create_database("pub")?;
     let subscriber = server.create_database("sub")?;
     let slot = format!("{}_slot", server.prefix);
@@ -1603,38 +1652,13 @@ fn run_native(server: &mut Server, options: &Options) -> Result<Setup> {
         "SELECT coalesce((confirmed_flush_lsn - '0/0'::pg_lsn)::int8, 0) FROM \
          pg_replication_slots WHERE slot_name = '{slot}'"
     );
-    let mut admin = connect(&admin_url(), PROBE_APP)?;
-    let inserts = run_phase(
-        "native inserts",
-        &publisher,
+    let (inserts, updates_phase, sizes) = logical_phases(
+        "native",
+        options,
         &groups,
-        [("publisher", &publisher), ("subscriber", &subscriber)],
-        rows,
-        move |c, start, w| insert_rows(c, rows, start, w),
-        insert_probes(
-            &subscriber,
-            rows,
-            None,
-            Box::new(|| query_u64(&mut admin, &slot_lsn_sql)),
-        )?,
-    )?;
-    let sizes = sizes_line("subscriber after the inserts", &subscriber)?;
-    eprintln!("native inserts done");
-    let mut admin = connect(&admin_url(), PROBE_APP)?;
-    let mut probe = connect(&subscriber, PROBE_APP)?;
-    let updates_phase = run_phase(
-        "native updates",
-        &publisher,
-        &groups,
-        [("publisher", &publisher), ("subscriber", &subscriber)],
-        updates + 1,
-        move |c, start, w| update_rows(c, rows, updates, true, start, w),
-        Probes {
-            captured: None,
-            applied: None,
-            moving: Box::new(|| query_u64(&mut admin, &slot_lsn_sql)),
-            complete: Box::new(|_| marker_done(&mut probe)),
-        },
+        ("publisher", &publisher),
+        ("subscriber", &subscriber),
+        &slot_lsn_sql,
     )?;
     eprintln!("native updates done; comparing");
     let details = vec![

@@ -14,9 +14,8 @@
 //! subscriber database (`pglogical.create_subscription(..., synchronize_data := false)`).
 
 use super::{
-    ADMIN_URL_OVERRIDE, Groups, Options, PROBE_APP, Probes, Result, Server, Setup, compare,
-    connect, database_url, insert_probes, insert_rows, marker_done, query_u64, replicate_marker,
-    run_phase, sizes_line, update_rows,
+    ADMIN_URL_OVERRIDE, Groups, Options, PROBE_APP, Result, Server, Setup, compare, connect,
+    database_url, logical_phases, replicate_marker,
 };
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -228,7 +227,6 @@ pub fn run(options: &Options, server_version: &str) -> Result<Setup> {
 }
 
 fn run_on(server: &mut Server, options: &Options) -> Result<Setup> {
-    let (rows, updates) = (options.rows, options.updates);
     let provider = server.create_database("plpub")?;
     let subscriber = server.create_database("plsub")?;
     let provider_db = server.database_name("plpub");
@@ -288,38 +286,13 @@ fn run_on(server: &mut Server, options: &Options) -> Result<Setup> {
         "SELECT coalesce(max((confirmed_flush_lsn - '0/0'::pg_lsn)::int8), 0) FROM \
          pg_replication_slots WHERE database = '{provider_db}'"
     );
-    let mut admin = connect(&super::admin_url(), PROBE_APP)?;
-    let inserts = run_phase(
-        "pglogical inserts",
-        &provider,
+    let (inserts, updates_phase, sizes) = logical_phases(
+        "pglogical",
+        options,
         &groups,
-        [("provider", &provider), ("subscriber", &subscriber)],
-        rows,
-        move |c, start, w| insert_rows(c, rows, start, w),
-        insert_probes(
-            &subscriber,
-            rows,
-            None,
-            Box::new(|| query_u64(&mut admin, &slot_lsn_sql)),
-        )?,
-    )?;
-    let sizes = sizes_line("pglogical subscriber after the inserts", &subscriber)?;
-    eprintln!("pglogical inserts done");
-    let mut admin = connect(&super::admin_url(), PROBE_APP)?;
-    let mut probe = connect(&subscriber, PROBE_APP)?;
-    let updates_phase = run_phase(
-        "pglogical updates",
-        &provider,
-        &groups,
-        [("provider", &provider), ("subscriber", &subscriber)],
-        updates + 1,
-        move |c, start, w| update_rows(c, rows, updates, true, start, w),
-        Probes {
-            captured: None,
-            applied: None,
-            moving: Box::new(|| query_u64(&mut admin, &slot_lsn_sql)),
-            complete: Box::new(|_| marker_done(&mut probe)),
-        },
+        ("provider", &provider),
+        ("pglogical subscriber", &subscriber),
+        &slot_lsn_sql,
     )?;
     eprintln!("pglogical updates done; comparing");
     Ok(Setup {
